@@ -1,0 +1,219 @@
+"""
+The tasks. Each one knows its problem and nothing about models:
+- its config dataclass (every field becomes a train.py flag),
+- `spec`: what its inputs and targets look like, so train.py can size a model,
+- `train_batch(batch_size, generator)`: a fresh seeded batch from the training distribution,
+- `eval_settings`: the generalisation settings, declared in one place, and `eval_batch(...)`,
+- `loss(logits, batch)` and `metrics(logits, batch)`,
+- `figure_panels(logits, batch)`: 2-D arrays in [0, 1] that train.py draws as pictures.
+
+A batch is a dict of tensors. Sequence tasks give x (B, T, in), y (B, T, out) and mask (B, T),
+1 where the model is scored. Everything is generated on the fly from a torch.Generator, so
+the same seed gives the same data. Add a task: write its class here and add it to TASKS.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+class BitSequenceTask:
+    """Sequences of binary vectors in, binary vectors out (the NTM tasks).
+    Subclasses define make_batch(batch_size, generator, **setting) and the settings."""
+
+    kind = "sequence"
+    metric = "bit_err"  # mean number of wrong bits per sequence, the paper's "cost per sequence"
+
+    def __init__(self, config, data_dir=None):
+        self.config = config
+
+    def train_batch(self, batch_size, generator):
+        return self.make_batch(batch_size, generator, **self.sample_train_setting(generator))
+
+    def eval_batch(self, setting, batch_size, generator):
+        return self.make_batch(batch_size, generator, **self.eval_settings[setting])
+
+    def loss(self, logits, batch):
+        """Binary cross-entropy on the scored positions, mean per scored bit."""
+        bce = F.binary_cross_entropy_with_logits(logits.float(), batch["y"], reduction="none")
+        mask = batch["mask"].unsqueeze(-1)
+        return (bce * mask).sum() / (mask.sum() * logits.shape[-1])
+
+    def metrics(self, logits, batch):
+        """Sums over the batch (train.py adds them up over batches and divides by 'count')."""
+        wrong = ((logits > 0).float() != batch["y"]).float() * batch["mask"].unsqueeze(-1)
+        return {self.metric: wrong.sum().item(), "count": logits.shape[0]}
+
+    def figure_panels(self, logits, batch, index=0):
+        """Target and output of one sequence over its scored steps: (channels, time) each."""
+        keep = batch["mask"][index] > 0
+        return [("target", batch["y"][index][keep].T),
+                ("output", torch.sigmoid(logits[index].float())[keep].T)]
+
+
+def _randint(low, high, generator):
+    """One integer uniform in [low, high], from the task's generator."""
+    return int(torch.randint(low, high + 1, (1,), generator=generator))
+
+
+def _bits(shape, generator):
+    return torch.randint(0, 2, shape, generator=generator).float()
+
+
+# ----------------------------------------------------------------------------------------------
+# NTM paper, section 4.1: copy
+
+@dataclass
+class CopyConfig:
+    width: int = 8  # section 4.1: random 8-bit vectors
+    min_len: int = 1  # section 4.1: training lengths uniform in 1..20
+    max_len: int = 20
+    eval_lengths: tuple = (10, 20, 30, 50, 120)  # Fig. 4: generalisation to 30, 50, 120
+
+    def __post_init__(self):
+        if not 1 <= self.min_len <= self.max_len:
+            raise ValueError(f"need 1 <= min_len <= max_len, got {self.min_len}, {self.max_len}")
+        if self.width < 1 or min(self.eval_lengths) < 1:
+            raise ValueError("width and eval_lengths must be positive")
+
+
+class Copy(BitSequenceTask):
+    """Input: L random vectors, then a delimiter on an extra channel. Output: the same L
+    vectors, during the L steps after the delimiter (inputs are zero then)."""
+
+    def __init__(self, config, data_dir=None):
+        super().__init__(config)
+        self.spec = {"kind": self.kind, "input_size": config.width + 1, "output_size": config.width}
+        self.eval_settings = {str(n): {"length": n} for n in config.eval_lengths}
+
+    def sample_train_setting(self, generator):
+        return {"length": _randint(self.config.min_len, self.config.max_len, generator)}
+
+    def make_batch(self, batch_size, generator, length):
+        W, L = self.config.width, length
+        bits = _bits((batch_size, L, W), generator)
+        x = torch.zeros(batch_size, 2 * L + 1, W + 1)
+        x[:, :L, :W] = bits
+        x[:, L, W] = 1.0  # delimiter
+        y = torch.zeros(batch_size, 2 * L + 1, W)
+        y[:, L + 1:] = bits
+        mask = torch.zeros(batch_size, 2 * L + 1)
+        mask[:, L + 1:] = 1.0
+        return {"x": x, "y": y, "mask": mask}
+
+
+# ----------------------------------------------------------------------------------------------
+# NTM paper, section 4.2: repeat copy
+
+@dataclass
+class RepeatCopyConfig:
+    width: int = 8  # section 4.2: random 8-bit vectors
+    min_len: int = 1  # section 4.2: lengths and repeat counts uniform in 1..10
+    max_len: int = 10
+    min_repeats: int = 1
+    max_repeats: int = 10
+    # Fig. 9: generalisation to longer sequences (20 x 10) and more repeats (10 x 20)
+    eval_settings: tuple = ("10x10", "10x20", "20x10")  # "<length>x<repeats>"
+
+    def __post_init__(self):
+        if not (1 <= self.min_len <= self.max_len and 1 <= self.min_repeats <= self.max_repeats):
+            raise ValueError("need 1 <= min_len <= max_len and 1 <= min_repeats <= max_repeats")
+        for s in self.eval_settings:
+            parts = s.split("x")
+            if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+                raise ValueError(f"repeat_copy eval settings look like '10x20' (length x repeats), got {s!r}")
+
+
+class RepeatCopy(BitSequenceTask):
+    """Input: L random vectors, then one step with the delimiter channel on and the repeat
+    count R (divided by max_repeats) on a second extra channel. Output: the sequence R
+    times, then an end marker on an extra output channel."""
+
+    def __init__(self, config, data_dir=None):
+        super().__init__(config)
+        W = config.width
+        self.spec = {"kind": self.kind, "input_size": W + 2, "output_size": W + 1}
+        self.eval_settings = {s: dict(zip(("length", "repeats"), map(int, s.split("x"))))
+                              for s in config.eval_settings}
+
+    def sample_train_setting(self, generator):
+        c = self.config
+        return {"length": _randint(c.min_len, c.max_len, generator),
+                "repeats": _randint(c.min_repeats, c.max_repeats, generator)}
+
+    def make_batch(self, batch_size, generator, length, repeats):
+        W, L, R = self.config.width, length, repeats
+        T = L + 1 + L * R + 1
+        bits = _bits((batch_size, L, W), generator)
+        x = torch.zeros(batch_size, T, W + 2)
+        x[:, :L, :W] = bits
+        x[:, L, W] = 1.0  # delimiter
+        x[:, L, W + 1] = R / self.config.max_repeats  # how many copies
+        y = torch.zeros(batch_size, T, W + 1)
+        y[:, L + 1: L + 1 + L * R, :W] = bits.repeat(1, R, 1)
+        y[:, T - 1, W] = 1.0  # end marker
+        mask = torch.zeros(batch_size, T)
+        mask[:, L + 1:] = 1.0
+        return {"x": x, "y": y, "mask": mask}
+
+
+# ----------------------------------------------------------------------------------------------
+# NTM paper, section 4.3: associative recall
+
+@dataclass
+class AssociativeRecallConfig:
+    width: int = 6  # section 4.3: items of three 6-bit vectors
+    item_len: int = 3
+    min_items: int = 2  # section 4.3: 2..6 items in training
+    max_items: int = 6
+    eval_items: tuple = (6, 10, 15, 20)  # Fig. 12: generalisation up to 20 items
+
+    def __post_init__(self):
+        if not 2 <= self.min_items <= self.max_items or min(self.eval_items) < 2:
+            raise ValueError("associative_recall needs at least 2 items (min_items <= max_items)")
+
+
+class AssociativeRecall(BitSequenceTask):
+    """Input: n items, each a delimiter step (channel W) and item_len vectors; then a query
+    delimiter (channel W+1), one of the items but the last, another query delimiter.
+    Output: the item that followed the queried one."""
+
+    def __init__(self, config, data_dir=None):
+        super().__init__(config)
+        W = config.width
+        self.spec = {"kind": self.kind, "input_size": W + 2, "output_size": W}
+        self.eval_settings = {str(n): {"items": n} for n in config.eval_items}
+
+    def sample_train_setting(self, generator):
+        return {"items": _randint(self.config.min_items, self.config.max_items, generator)}
+
+    def make_batch(self, batch_size, generator, items):
+        W, K, n, B = self.config.width, self.config.item_len, items, batch_size
+        item_bits = _bits((B, n, K, W), generator)
+        query = torch.randint(0, n - 1, (B,), generator=generator)  # never the last item
+        T = n * (K + 1) + 1 + K + 1 + K
+        x = torch.zeros(B, T, W + 2)
+        story = torch.zeros(B, n, K + 1, W + 2)
+        story[:, :, 0, W] = 1.0  # item delimiter before every item
+        story[:, :, 1:, :W] = item_bits
+        x[:, : n * (K + 1)] = story.reshape(B, n * (K + 1), W + 2)
+        q0 = n * (K + 1)
+        rows = torch.arange(B)
+        x[:, q0, W + 1] = 1.0  # query delimiter
+        x[:, q0 + 1: q0 + 1 + K, :W] = item_bits[rows, query]
+        x[:, q0 + 1 + K, W + 1] = 1.0  # query delimiter
+        y = torch.zeros(B, T, W)
+        y[:, T - K:] = item_bits[rows, query + 1]
+        mask = torch.zeros(B, T)
+        mask[:, T - K:] = 1.0
+        return {"x": x, "y": y, "mask": mask}
+
+
+# ----------------------------------------------------------------------------------------------
+
+TASKS = {  # name -> (config class, task class)
+    "copy": (CopyConfig, Copy),
+    "repeat_copy": (RepeatCopyConfig, RepeatCopy),
+    "associative_recall": (AssociativeRecallConfig, AssociativeRecall),
+}

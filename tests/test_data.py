@@ -1,0 +1,73 @@
+"""The NTM tasks build the sequences the paper describes, from a seeded generator."""
+
+import pytest
+import torch
+
+from data import AssociativeRecall, AssociativeRecallConfig, Copy, CopyConfig, RepeatCopy, RepeatCopyConfig
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_copy_targets_are_the_inputs_after_the_delimiter():
+    batch = Copy(CopyConfig()).make_batch(4, gen(), length=5)
+    x, y, mask = batch["x"], batch["y"], batch["mask"]
+    assert x.shape == (4, 11, 9) and y.shape == (4, 11, 8) and mask.shape == (4, 11)
+    assert torch.equal(y[:, 6:], x[:, :5, :8])  # output phase repeats the input vectors
+    assert (x[:, 5, 8] == 1).all() and x[:, :5, 8].sum() == 0  # one delimiter, on its own channel
+    assert x[:, 6:].sum() == 0  # no input while answering
+    assert torch.equal(mask[0], torch.tensor([0.0] * 6 + [1.0] * 5))
+
+
+def test_the_same_seed_gives_the_same_batch_and_train_lengths_stay_in_range():
+    task = Copy(CopyConfig())
+    a, b = task.train_batch(8, gen(3)), task.train_batch(8, gen(3))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    g = gen(1)
+    lengths = {int(task.train_batch(1, g)["mask"].sum()) for _ in range(300)}
+    assert lengths == set(range(1, 21))  # section 4.1: lengths 1..20
+    assert list(task.eval_settings) == ["10", "20", "30", "50", "120"]
+
+
+def test_repeat_copy_repeats_the_sequence_then_marks_the_end():
+    task = RepeatCopy(RepeatCopyConfig())
+    batch = task.make_batch(2, gen(), length=3, repeats=4)
+    x, y, mask = batch["x"], batch["y"], batch["mask"]
+    assert x.shape == (2, 3 + 1 + 12 + 1, 10) and y.shape == (2, 17, 9)
+    assert torch.allclose(x[:, 3, 9], torch.tensor(0.4))  # repeat count 4, divided by max_repeats 10
+    for r in range(4):
+        assert torch.equal(y[:, 4 + 3 * r: 7 + 3 * r, :8], x[:, :3, :8])
+    assert (y[:, -1, 8] == 1).all() and y[:, :-1, 8].sum() == 0  # end marker only at the last step
+    assert mask.sum() == 2 * 13
+    assert task.eval_settings["10x20"] == {"length": 10, "repeats": 20}
+
+
+def test_associative_recall_answers_with_the_item_after_the_query():
+    task = AssociativeRecall(AssociativeRecallConfig())
+    batch = task.make_batch(16, gen(), items=4)
+    x, y = batch["x"], batch["y"]
+    assert x.shape == (16, 4 * 4 + 8, 8) and y.shape == (16, 24, 6)
+    for b in range(16):
+        items = [x[b, 4 * i + 1: 4 * i + 4, :6] for i in range(4)]
+        query = x[b, 17:20, :6]
+        q = next(i for i in range(3) if torch.equal(items[i], query))
+        assert torch.equal(y[b, -3:], items[q + 1])
+    assert (x[:, 16, 7] == 1).all() and (x[:, 20, 7] == 1).all()  # query delimiters
+
+
+def test_bit_error_counts_wrong_bits_per_sequence():
+    task = Copy(CopyConfig())
+    batch = task.make_batch(2, gen(), length=3)
+    logits = (batch["y"] * 2 - 1) * 5  # perfect answers
+    logits[0, 4, 0] *= -1  # one wrong bit in sequence 0 (a scored step)
+    logits[1, 0, 0] = -logits[1, 0, 0]  # a flip outside the scored steps does not count
+    m = task.metrics(logits, batch)
+    assert m == {"bit_err": 1.0, "count": 2}
+
+
+def test_bad_task_settings_are_refused():
+    with pytest.raises(ValueError):
+        CopyConfig(min_len=5, max_len=2)
+    with pytest.raises(ValueError, match="10x20"):
+        RepeatCopyConfig(eval_settings=("ten",))

@@ -1,0 +1,218 @@
+"""train.py: reproducible, resumable, honest about bad input, and it learns."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import zlib
+
+import pytest
+import torch
+
+import train
+from train import UserError, main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--max_len", "4", "--eval_lengths", "4,8", "--eval_samples", "16", "--batch_size", "4",
+        "--memory_size", "16", "--controller_size", "16", "--log_interval", "1", "--no-figures"]
+
+
+def run(tmp_path, *flags, name="run"):
+    out = str(tmp_path / name)
+    result = main(["--out_dir", out, *TINY, *flags])
+    return out, result
+
+
+def losses(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [r["loss"] for r in map(json.loads, f) if "loss" in r]
+
+
+def test_the_same_seed_gives_the_same_losses(tmp_path):
+    a, _ = run(tmp_path, "--max_iters", "5", name="a")
+    b, _ = run(tmp_path, "--max_iters", "5", name="b")
+    c, _ = run(tmp_path, "--max_iters", "5", "--seed", "1", name="c")
+    assert losses(a) == losses(b) and len(losses(a)) == 5
+    assert losses(a) != losses(c)
+
+
+@pytest.mark.parametrize("model", ["ntm", "lstm"])
+def test_resume_continues_with_the_identical_next_losses(tmp_path, model):
+    flags = ["--model", model, "--eval_interval", "3"] + (["--hidden_size", "8", "--num_layers", "1"] if model == "lstm" else [])
+    tiny = TINY[:8] + TINY[12:] if model == "lstm" else TINY  # the NTM's size flags are not LSTM flags
+    straight = str(tmp_path / "straight")
+    main(["--out_dir", straight, *tiny, *flags, "--max_iters", "6"])
+    resumed = str(tmp_path / "resumed")
+    main(["--out_dir", resumed, *tiny, *flags, "--max_iters", "3"])
+    main(["--out_dir", resumed, *tiny, *flags, "--max_iters", "6", "--resume"])
+    assert losses(resumed) == losses(straight)
+    assert torch.load(os.path.join(resumed, "ckpt.pt"), weights_only=True)["iter"] == 6
+
+
+def test_eval_only_reproduces_the_final_metrics(tmp_path):
+    out, result = run(tmp_path, "--max_iters", "4")
+    with open(os.path.join(out, "metrics.json")) as f:
+        trained = json.load(f)
+    assert set(trained) == {"bit_err@4", "bit_err@8", "iter", "seconds"}
+    assert trained == {**result["metrics"], "seconds": trained["seconds"]}
+    _, again = run(tmp_path, "--eval_only")
+    assert {k: v for k, v in again["metrics"].items() if k != "seconds"} == \
+           {k: v for k, v in trained.items() if k != "seconds"}
+
+
+def test_a_short_cpu_run_lowers_the_copy_loss_well_below_its_start(tmp_path):
+    out = str(tmp_path / "learn")
+    result = main(["--out_dir", out, "--min_len", "3", "--max_len", "3", "--eval_lengths", "3",
+                   "--eval_samples", "64", "--batch_size", "16", "--lr", "3e-3", "--max_iters", "300",
+                   "--eval_interval", "300", "--log_interval", "10", "--no-figures"])
+    curve = losses(out)
+    assert curve[0] > 0.65  # chance is ln 2 = 0.69 per bit
+    assert sum(curve[-3:]) / 3 < 0.6 * curve[0]
+    assert result["metrics"]["bit_err@3"] < 6  # chance: half of the 3 x 8 bits
+
+
+def test_figures_are_valid_pngs_of_outputs_and_memory_weightings(tmp_path):
+    out, _ = run(tmp_path, "--max_iters", "2", "--figures")
+    names = sorted(os.listdir(out))
+    assert {"outputs_4.png", "outputs_8.png", "internals_4.png", "internals_8.png"} <= set(names)
+    with open(os.path.join(out, "outputs_8.png"), "rb") as f:
+        png = f.read()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    idat = png[png.index(b"IDAT") + 4:]
+    raw = zlib.decompress(idat[: int.from_bytes(png[png.index(b"IDAT") - 4: png.index(b"IDAT")], "big")])
+    assert len(raw) == height * (1 + 3 * width)  # one filter byte and RGB per pixel on each row
+
+
+def test_write_png_round_trips_pixels(tmp_path):
+    image = torch.randint(0, 256, (3, 5, 3), dtype=torch.uint8)
+    path = str(tmp_path / "x.png")
+    train.write_png(path, image)
+    with open(path, "rb") as f:
+        png = f.read()
+    start = png.index(b"IDAT")
+    length = int.from_bytes(png[start - 4: start], "big")
+    raw = zlib.decompress(png[start + 4: start + 4 + length])
+    rows = [raw[i * 16 + 1: (i + 1) * 16] for i in range(3)]
+    assert b"".join(rows) == bytes(image.flatten().tolist())
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: one clear line, a non-zero exit, nothing half-written.
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "gpt"], "unknown model 'gpt': choose one of"),
+    (["--task", "sort"], "unknown task 'sort': choose one of"),
+    (["--lr", "fast"], "invalid float value: 'fast'"),
+    (["--batch_size", "0"], "--batch_size must be positive"),
+    (["--no_such_flag", "1"], "unrecognized arguments"),
+    (["--controller", "gru"], "controller must be 'lstm' or 'feedforward'"),
+    (["--eval_lengths", "a,b"], "comma-separated ints"),
+    (["--device", "tpu"], "unknown --device 'tpu'"),
+    (["--resume"], "no checkpoint at"),
+    (["--eval_only"], "no checkpoint at"),
+])
+def test_bad_input_is_refused_before_anything_is_written(tmp_path, flags, message):
+    out = str(tmp_path / "out")
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace("'", "'")):
+        main(["--out_dir", out, *flags])
+    assert not os.path.exists(out)
+
+
+def test_an_unavailable_device_is_refused(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(UserError, match="--device cuda is not available"):
+        main(["--out_dir", str(tmp_path / "out"), "--device", "cuda"])
+
+
+def test_a_model_that_does_not_fit_the_task_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setitem(train.MODELS, "imagenet_only", (train.LSTMConfig, train.LSTM, ("image",)))
+    with pytest.raises(UserError, match="does not fit --task copy .* use one of ntm, lstm"):
+        main(["--out_dir", str(tmp_path / "out"), "--model", "imagenet_only"])
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_checkpoints_of_another_model_or_corrupt_files_are_refused(tmp_path):
+    out, _ = run(tmp_path, "--max_iters", "1")
+    with pytest.raises(UserError, match="holds --model ntm --task copy, not --model lstm"):
+        main(["--out_dir", out, "--model", "lstm", "--eval_only"])
+    with pytest.raises(UserError, match="differ from the checkpoint"):
+        main(["--out_dir", out, *TINY, "--memory_size", "32", "--resume"])
+    with open(os.path.join(out, "ckpt.pt"), "wb") as f:
+        f.write(b"not a checkpoint")
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        main(["--out_dir", out, "--eval_only"])
+
+
+def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real_loss = train.TASKS["copy"][1].loss
+
+    def loss_that_breaks(self, logits, batch):
+        calls["n"] += 1
+        value = real_loss(self, logits, batch)
+        return value * float("nan") if calls["n"] == 5 else value
+
+    monkeypatch.setattr(train.TASKS["copy"][1], "loss", loss_that_breaks)
+    out = str(tmp_path / "nan")
+    with pytest.raises(UserError, match="loss became nan at step 5; the last good checkpoint is kept"):
+        main(["--out_dir", out, *TINY, "--max_iters", "10", "--eval_interval", "2"])
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["iter"] == 4
+
+
+def test_the_command_line_prints_one_error_line_and_exits_non_zero(tmp_path):
+    out = str(tmp_path / "out")
+    proc = subprocess.run([sys.executable, "train.py", "--model", "gpt", "--out_dir", out],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: unknown model 'gpt': choose one of ntm, lstm"]
+    assert not os.path.exists(out)
+
+
+def test_help_lists_every_flag_with_its_default():
+    proc = subprocess.run([sys.executable, "train.py", "--model", "ntm", "--task", "copy", "-h"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0
+    for flag in ("--max_iters", "--batch_size", "--lr", "--seed", "--device", "--out_dir", "--data_dir",
+                 "--eval_interval", "--compile", "--resume", "--eval_only", "--memory_size",
+                 "--controller", "--eval_lengths"):
+        assert flag in proc.stdout
+    assert "(default: 128)" in proc.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+
+def test_model_files_import_and_run_when_copied_alone(tmp_path):
+    for name in ("ntm.py", "lstm.py"):
+        shutil.copy(os.path.join(ROOT, name), tmp_path / name)
+        proc = subprocess.run([sys.executable, name], cwd=tmp_path, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": ""})
+        assert proc.returncode == 0, proc.stderr
+        assert "torch.Size([2, 5, 8])" in proc.stdout
+
+
+def test_ddp_with_two_gloo_processes_keeps_parameters_in_agreement(tmp_path):
+    script = tmp_path / "ddp_run.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, sys, torch
+        sys.path.insert(0, {ROOT!r})
+        torch.set_num_threads(1)
+        import train
+        result = train.main(["--out_dir", {str(tmp_path / 'ddp')!r}, *{TINY!r}, "--max_iters", "3",
+                             "--device", "cpu"])
+        flat = torch.cat([p.detach().flatten() for p in result["model"].parameters()])
+        torch.save(flat, {str(tmp_path)!r} + f"/params_{{os.environ['RANK']}}.pt")
+    """))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    p0, p1 = (torch.load(tmp_path / f"params_{r}.pt") for r in (0, 1))
+    assert torch.equal(p0, p1)
+    ckpt = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)
+    assert ckpt["iter"] == 3 and len(ckpt["rng"]["data"]) == 2  # each rank's data stream is saved
+    single, _ = run(tmp_path, "--max_iters", "3", name="single")  # and it did train on different data
+    assert not torch.equal(torch.load(os.path.join(single, "ckpt.pt"), weights_only=True)["model"]["init_reads"],
+                           ckpt["model"]["init_reads"])

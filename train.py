@@ -1,0 +1,458 @@
+"""
+Train any model here on any task it fits, evaluate it where the paper does, draw what it learned.
+
+    python train.py --model ntm --task copy            # the NTM copy result, a few minutes on a CPU
+    python train.py --model lstm --task copy           # the LSTM baseline on the same task
+    python train.py --model ntm --task copy -h         # every flag of the model, task and training
+    python train.py --model ntm --task copy --resume   # continue from out/ntm_copy/ckpt.pt
+    python train.py --model ntm --task copy --eval_only
+    torchrun --standalone --nproc_per_node 2 train.py --model ntm --task copy   # data parallel
+
+Writes to --out_dir (default out/<model>_<task>): ckpt.pt, log.jsonl (training loss every
+--log_interval steps and every evaluation), metrics.json (the final evaluation, flat
+'<metric>@<setting>' keys plus 'iter' and 'seconds') and figures as PNG files.
+
+Precedence of settings: dataclass defaults < PRESETS[(model, task)] < command-line flags.
+On --resume and --eval_only the model and task configs come from the checkpoint.
+"""
+
+import argparse
+import json
+import os
+import struct
+import sys
+import time
+import zlib
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from tqdm import tqdm
+
+from data import TASKS
+from lstm import LSTM, LSTMConfig
+from ntm import NTM, NTMConfig
+
+# name -> (config class, model class, task kinds it fits). Adding a model is one row here.
+MODELS = {
+    "ntm": (NTMConfig, NTM, ("sequence",)),
+    "lstm": (LSTMConfig, LSTM, ("sequence",)),
+}
+
+# Training settings that reproduce each result; flags override them.
+PRESETS = {
+    ("ntm", "copy"): dict(max_iters=3000, batch_size=32, lr=1e-3, eval_interval=500),
+    ("lstm", "copy"): dict(max_iters=3000, batch_size=32, lr=1e-3, eval_interval=500),
+}
+
+
+@dataclass
+class TrainConfig:
+    max_iters: int = 3000  # optimizer steps
+    batch_size: int = 32  # per process
+    lr: float = 1e-3  # Adam
+    grad_clip: float = 10.0  # clip the global gradient norm (0 = off)
+    seed: int = 0
+    device: str = "auto"  # auto picks cuda, then mps, then cpu
+    out_dir: str = ""  # default out/<model>_<task>
+    data_dir: str = ""  # where real datasets are cached or read offline
+    eval_interval: int = 500  # evaluate and checkpoint every this many steps
+    eval_samples: int = 256  # sequences per evaluation setting
+    log_interval: int = 10  # write the training loss to log.jsonl every this many steps
+    compile: bool = None  # torch.compile; default on for cuda, off elsewhere
+    figures: bool = True  # draw PNG figures after the final evaluation
+    resume: bool = False  # continue from <out_dir>/ckpt.pt
+    eval_only: bool = False  # evaluate <out_dir>/ckpt.pt and exit
+
+    def __post_init__(self):
+        for name in ("max_iters", "batch_size", "eval_interval", "eval_samples", "log_interval"):
+            if getattr(self, name) < (0 if name == "max_iters" else 1):
+                raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
+        if not self.lr > 0 or self.grad_clip < 0:
+            raise ValueError(f"--lr must be > 0 and --grad_clip >= 0, got {self.lr}, {self.grad_clip}")
+
+
+class UserError(Exception):
+    """A mistake in what was asked for: reported as one line, exit status 2."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: every dataclass field is a flag.
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UserError(f"{message} (see python train.py --model M --task T -h)")
+
+
+def parse_tuple(text, like):
+    kind = type(like[0]) if like else str
+    try:
+        return tuple(kind(part) for part in text.split(",") if part)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}")
+
+
+def add_fields(parser, title, config_cls, skip=(), defaults=None):
+    group = parser.add_argument_group(title)
+    for f in fields(config_cls):
+        if f.name in skip:
+            continue
+        default = (defaults or {}).get(f.name, f.default)
+        help_text = f"(default: {default})"
+        if f.type is bool:
+            group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=help_text)
+        elif f.type is tuple:
+            group.add_argument(f"--{f.name}", type=lambda s, d=f.default: parse_tuple(s, d),
+                               default=argparse.SUPPRESS, help=help_text + ", comma-separated")
+        else:
+            group.add_argument(f"--{f.name}", type=f.type, default=argparse.SUPPRESS, help=help_text)
+
+
+def build_config(config_cls, values, what):
+    try:
+        return config_cls(**values)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"bad {what} setting: {e}")
+
+
+def parse_args(argv):
+    """Returns (model_name, task_name, explicit flags as a dict)."""
+    pre = Parser(add_help=False)
+    pre.add_argument("--model", default="ntm")
+    pre.add_argument("--task", default="copy")
+    known, _ = pre.parse_known_args(argv)
+    if known.model not in MODELS:
+        raise UserError(f"unknown model {known.model!r}: choose one of {', '.join(MODELS)}")
+    if known.task not in TASKS:
+        raise UserError(f"unknown task {known.task!r}: choose one of {', '.join(TASKS)}")
+    model_cfg, task_cfg = MODELS[known.model][0], TASKS[known.task][0]
+    parser = Parser(description="Train a model on a task. Flags default as shown.",
+                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default="ntm", help=f"one of {', '.join(MODELS)}")
+    parser.add_argument("--task", default="copy", help=f"one of {', '.join(TASKS)}")
+    add_fields(parser, "training", TrainConfig, defaults=PRESETS.get((known.model, known.task)))
+    add_fields(parser, f"model ({known.model})", model_cfg, skip=("input_size", "output_size"))
+    add_fields(parser, f"task ({known.task})", task_cfg)
+    args = vars(parser.parse_args(argv))
+    return args.pop("model"), args.pop("task"), args
+
+
+def split_flags(flags, config_cls):
+    names = {f.name for f in fields(config_cls)}
+    return {k: v for k, v in flags.items() if k in names}
+
+
+# ----------------------------------------------------------------------------------------------
+# Pictures: a PNG writer of our own (zlib + struct) and heat maps stacked into panels.
+
+def write_png(path, rgb):
+    """rgb: uint8 tensor (H, W, 3)."""
+    height, width, _ = rgb.shape
+    raw = b"".join(b"\x00" + bytes(row.flatten().tolist()) for row in rgb)
+
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
+    atomic_write(path, png)
+
+
+COLORS = torch.tensor([[13, 8, 135], [126, 3, 168], [204, 71, 120], [248, 149, 64], [240, 249, 33]],
+                      dtype=torch.float32)  # dark blue (0) -> yellow (1)
+
+
+def heatmap(values, cell):
+    """values (rows, cols) in [0, 1] -> uint8 image with cell x cell pixels per value."""
+    v = values.float().clamp(0, 1) * (len(COLORS) - 1)
+    low = v.floor().long().clamp(max=len(COLORS) - 2)
+    frac = (v - low).unsqueeze(-1)
+    rgb = COLORS[low] * (1 - frac) + COLORS[low + 1] * frac
+    return rgb.repeat_interleave(cell, 0).repeat_interleave(cell, 1).round().to(torch.uint8)
+
+
+def draw_panels(path, panels, max_width=1200):
+    """panels: list of (name, 2-D tensor in [0, 1]) drawn top to bottom, grey gaps between."""
+    cols = max(p.shape[1] for _, p in panels)
+    cell = max(2, min(16, max_width // max(cols, 1)))
+    images = [heatmap(p, cell) for _, p in panels]
+    width = max(img.shape[1] for img in images)
+    gap = torch.full((cell, width, 3), 128, dtype=torch.uint8)
+    rows = []
+    for img in images:
+        pad = torch.full((img.shape[0], width - img.shape[1], 3), 128, dtype=torch.uint8)
+        rows += [torch.cat([img, pad], dim=1), gap]
+    write_png(path, torch.cat(rows[:-1], dim=0))
+
+
+def internal_panels(internals, index=0):
+    """Model internals over time as (features, time) maps; weightings cropped to the rows used."""
+    panels = []
+    for name, value in internals.items():
+        v = value[index].float()  # (T, ...)
+        v = v.reshape(v.shape[0], -1).T  # (features, T)
+        if name.endswith("weights"):
+            used = (v.max(dim=1).values > 0.01).nonzero().flatten()
+            if len(used):
+                v = v[used.min(): used.max() + 1]
+        else:  # signed vectors: map [-1, 1] to [0, 1]
+            v = (v + 1) / 2
+        panels.append((name, v))
+    return panels
+
+
+# ----------------------------------------------------------------------------------------------
+# Files: written whole or not at all.
+
+def atomic_write(path, data):
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data if isinstance(data, bytes) else data.encode())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path, state):
+    torch.save(state, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
+
+
+def load_checkpoint(path, model_name, task_name):
+    if not os.path.exists(path):
+        raise UserError(f"no checkpoint at {path}: train first (without --resume/--eval_only) or pass the right --out_dir")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        found = (ckpt["model_name"], ckpt["task_name"])
+    except Exception:
+        raise UserError(f"{path} is not a readable checkpoint (corrupt or not ours): delete it and train again, or pass another --out_dir")
+    if found != (model_name, task_name):
+        raise UserError(f"{path} holds --model {found[0]} --task {found[1]}, not --model {model_name} "
+                        f"--task {task_name}: pass those flags or another --out_dir")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------------------------
+
+def autodetect_device(requested):
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    kind = requested.split(":")[0]
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if kind not in available:
+        raise UserError(f"unknown --device {requested!r}: use auto, cpu, cuda, cuda:N or mps")
+    if not available[kind]:
+        raise UserError(f"--device {requested} is not available on this machine: use --device auto or cpu")
+    return requested
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model, task, eval_data, device, autocast):
+    """Mean of the task's metrics over each evaluation setting -> {'<metric>@<setting>': value}."""
+    model.eval()
+    results = {}
+    for setting, batches in eval_data.items():
+        totals = {}
+        for batch in batches:
+            batch = to_device(batch, device)
+            with autocast:
+                logits, _ = model(batch["x"])
+            for key, value in task.metrics(logits, batch).items():
+                totals[key] = totals.get(key, 0) + value
+        count = totals.pop("count")
+        results.update({f"{key}@{setting}": value / count for key, value in totals.items()})
+    model.train()
+    return results
+
+
+def draw_figures(model, task, eval_data, out_dir, device, autocast):
+    """For each evaluation setting: target vs output (paper Fig. 4/5), and the model's
+    internals over time for one sequence (Fig. 6) where it has any."""
+    model.eval()
+    for setting, batches in eval_data.items():
+        batch = to_device({k: v[:1] for k, v in batches[0].items()}, device)
+        with torch.no_grad(), autocast:
+            logits, internals = model(batch["x"], return_internals=True)
+        draw_panels(os.path.join(out_dir, f"outputs_{setting}.png"), task.figure_panels(logits.cpu(), to_device(batch, "cpu")))
+        if internals:
+            inputs = [("input", batch["x"][0].float().cpu().T)]
+            outputs = [("output", torch.sigmoid(logits[0].float()).cpu().T)]
+            internals = {k: v.cpu() for k, v in internals.items()}
+            draw_panels(os.path.join(out_dir, f"internals_{setting}.png"), inputs + internal_panels(internals) + outputs)
+    model.train()
+
+
+def main(argv=None):
+    model_name, task_name, flags = parse_args(sys.argv[1:] if argv is None else argv)
+    model_cls_cfg, model_cls, kinds = MODELS[model_name]
+    task_cls_cfg, task_cls = TASKS[task_name]
+    train_values = {**PRESETS.get((model_name, task_name), {}), **split_flags(flags, TrainConfig)}
+    cfg = build_config(TrainConfig, train_values, "training")
+    out_dir = cfg.out_dir or os.path.join("out", f"{model_name}_{task_name}")
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+
+    # distributed data parallel under torchrun, as nanoGPT does
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    master = rank == 0
+    device = autodetect_device(cfg.device)
+    if ddp:
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(device)
+    device_type = device.split(":")[0]
+
+    # configs: from the checkpoint when continuing, else from presets and flags
+    ckpt = load_checkpoint(ckpt_path, model_name, task_name) if (cfg.resume or cfg.eval_only) else None
+    task_values = ckpt["task_config"] if ckpt else {}
+    task_cfg = build_config(task_cls_cfg, {**task_values, **split_flags(flags, task_cls_cfg)}, "task")
+    task = task_cls(task_cfg, data_dir=cfg.data_dir or None)
+    if task.spec["kind"] not in kinds:
+        fitting = [m for m, (_, _, k) in MODELS.items() if task.spec["kind"] in k]
+        raise UserError(f"--model {model_name} does not fit --task {task_name} ({task.spec['kind']} data): "
+                        f"use one of {', '.join(fitting)}")
+    sizes = {k: task.spec[k] for k in ("input_size", "output_size") if k in task.spec}
+    if ckpt:
+        model_flags = split_flags(flags, model_cls_cfg)
+        clash = {k: v for k, v in model_flags.items() if ckpt["model_config"].get(k) != v}
+        if clash:
+            raise UserError(f"{', '.join('--' + k for k in clash)} differ from the checkpoint in {out_dir}: "
+                            "drop them or pass another --out_dir")
+        model_cfg = build_config(model_cls_cfg, ckpt["model_config"], "model")
+    else:
+        model_cfg = build_config(model_cls_cfg, {**split_flags(flags, model_cls_cfg), **sizes}, "model")
+
+    torch.manual_seed(cfg.seed)
+    model = model_cls(model_cfg).to(device)
+    if ckpt:
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError:
+            raise UserError(f"{ckpt_path} does not match the {model_name} model: delete it or pass another --out_dir")
+    autocast = (torch.autocast(device_type, dtype=torch.bfloat16)
+                if device_type == "cuda" and torch.cuda.is_bf16_supported() else nullcontext())
+
+    # evaluation data: fixed seeds, the same for every run and every training seed
+    eval_gen = torch.Generator().manual_seed(1234)
+    eval_data = {s: [task.eval_batch(s, min(cfg.batch_size * 8, cfg.eval_samples - i), eval_gen)
+                     for i in range(0, cfg.eval_samples, cfg.batch_size * 8)]
+                 for s in task.eval_settings}
+
+    if cfg.eval_only:
+        if master:
+            t0 = time.time()
+            metrics = {**evaluate(model, task, eval_data, device, autocast), "iter": ckpt["iter"]}
+            metrics["seconds"] = round(time.time() - t0, 2)
+            atomic_write(os.path.join(out_dir, "metrics.json"), json.dumps(metrics, indent=2))
+            if cfg.figures:
+                draw_figures(model, task, eval_data, out_dir, device, autocast)
+            print(json.dumps(metrics))
+        return {"metrics": metrics if master else None, "model": model}
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    data_gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    iter_num, seconds = 0, 0.0
+    if ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        iter_num, seconds = ckpt["iter"], ckpt["seconds"]
+        data_gen.set_state(ckpt["rng"]["data"][rank] if rank < len(ckpt["rng"]["data"]) else ckpt["rng"]["data"][0])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+
+    raw_model = model  # saved and evaluated; the compiled / DDP-wrapped one trains
+    if cfg.compile if cfg.compile is not None else device_type == "cuda":
+        # recurrent models loop over time in Python: compile one step, not the unrolled loop
+        if hasattr(model, "step"):
+            model.step = torch.compile(model.step)
+        else:
+            model = torch.compile(model)
+    if ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device_type == "cuda" else None)
+
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
+        if not ckpt:
+            atomic_write(os.path.join(out_dir, "log.jsonl"), "")
+    log_path = os.path.join(out_dir, "log.jsonl")
+
+    def log(record):
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def checkpoint():
+        rng_data = [data_gen.get_state()]
+        if ddp:  # every rank's data stream, so a resumed run continues each of them
+            gathered = [torch.empty_like(rng_data[0]) for _ in range(world)]
+            torch.distributed.all_gather_object(gathered, rng_data[0])
+            rng_data = gathered
+        if master:
+            save_checkpoint(ckpt_path, {
+                "model_name": model_name, "task_name": task_name, "model": raw_model.state_dict(),
+                "optimizer": optimizer.state_dict(), "model_config": asdict(model_cfg),
+                "task_config": asdict(task_cfg), "train_config": asdict(cfg), "iter": iter_num,
+                "seconds": seconds, "rng": {"data": rng_data, "torch": torch.get_rng_state()}})
+
+    metrics = {}
+    bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=not master, dynamic_ncols=True,
+               desc=f"{model_name} {task_name}")
+    t_last, seqs_since = time.time(), 0
+    while iter_num < cfg.max_iters:
+        t0 = time.time()
+        batch = to_device(task.train_batch(cfg.batch_size, data_gen), device)
+        with autocast:
+            logits, _ = model(batch["x"])
+        loss = task.loss(logits, batch)
+        if not torch.isfinite(loss):
+            last = f"the last good checkpoint is kept in {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was written"
+            raise UserError(f"loss became {loss.item()} at step {iter_num + 1}; {last}: lower --lr or --grad_clip")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        iter_num += 1
+        seconds += time.time() - t0
+        seqs_since += cfg.batch_size * world
+        if master and iter_num % cfg.log_interval == 0:
+            loss_value = loss.item()
+            log({"iter": iter_num, "loss": loss_value})
+            rate = seqs_since / (time.time() - t_last)
+            bar.set_postfix(loss=f"{loss_value:.4f}", seq_per_s=f"{rate:.0f}")
+            t_last, seqs_since = time.time(), 0
+        bar.update(1)
+        if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
+            if master:
+                metrics = {**evaluate(raw_model, task, eval_data, device, autocast), "iter": iter_num,
+                           "seconds": round(seconds, 1)}
+                log(metrics)
+                bar.write(" ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            checkpoint()
+    bar.close()
+
+    if master:
+        if not metrics:  # nothing left to train (e.g. --resume at max_iters): evaluate as is
+            metrics = {**evaluate(raw_model, task, eval_data, device, autocast), "iter": iter_num,
+                       "seconds": round(seconds, 1)}
+        atomic_write(os.path.join(out_dir, "metrics.json"), json.dumps(metrics, indent=2))
+        if cfg.figures:
+            draw_figures(raw_model, task, eval_data, out_dir, device, autocast)
+        scores = ", ".join(f"{k} {v:.3g}" for k, v in metrics.items() if "@" in k)
+        print(f"{model_name} on {task_name}: {scores} after {iter_num} steps in {seconds:.0f} s of training.\n"
+              f"Files in {out_dir}: ckpt.pt, metrics.json, log.jsonl, *.png")
+    if ddp:
+        torch.distributed.destroy_process_group()
+    return {"metrics": metrics if master else None, "model": raw_model}
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
