@@ -5,7 +5,8 @@ The tasks. Each one knows its problem and nothing about models:
 - `train_batch(batch_size, generator)`: a fresh seeded batch from the training distribution,
 - `eval_settings`: the generalisation settings, declared in one place, and `eval_batch(...)`,
 - `loss(logits, batch)` and `metrics(logits, batch)`,
-- `figure_panels(logits, batch)`: 2-D arrays in [0, 1] that train.py draws as pictures.
+- `figure_panels(logits, batch)`: 2-D arrays in [0, 1] that train.py draws as pictures,
+- `bench_setting`: the evaluation setting bench.py times training on (a fixed shape).
 
 A batch is a dict of tensors. Sequence tasks give x (B, T, in), y (B, T, out) and mask (B, T),
 1 where the model is scored. Everything is generated on the fly from a torch.Generator, so
@@ -82,6 +83,8 @@ class Copy(BitSequenceTask):
     """Input: L random vectors, then a delimiter on an extra channel. Output: the same L
     vectors, during the L steps after the delimiter (inputs are zero then)."""
 
+    bench_setting = "20"  # the longest training sequences
+
     def __init__(self, config, data_dir=None):
         super().__init__(config)
         self.spec = {"kind": self.kind, "input_size": config.width + 1, "output_size": config.width}
@@ -129,6 +132,8 @@ class RepeatCopy(BitSequenceTask):
     """Input: L random vectors, then one step with the delimiter channel on and the repeat
     count R (divided by max_repeats) on a second extra channel. Output: the sequence R
     times, then an end marker on an extra output channel."""
+
+    bench_setting = "10x10"
 
     def __init__(self, config, data_dir=None):
         super().__init__(config)
@@ -178,6 +183,8 @@ class AssociativeRecall(BitSequenceTask):
     """Input: n items, each a delimiter step (channel W) and item_len vectors; then a query
     delimiter (channel W+1), one of the items but the last, another query delimiter.
     Output: the item that followed the queried one."""
+
+    bench_setting = "6"
 
     def __init__(self, config, data_dir=None):
         super().__init__(config)

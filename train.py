@@ -18,6 +18,7 @@ On --resume and --eval_only the model and task configs come from the checkpoint.
 
 import argparse
 import json
+import math
 import os
 import struct
 import sys
@@ -51,6 +52,7 @@ class TrainConfig:
     max_iters: int = 3000  # optimizer steps
     batch_size: int = 32  # per process
     lr: float = 1e-3  # Adam
+    decay_lr: bool = True  # cosine decay from lr to lr/10 over max_iters
     grad_clip: float = 10.0  # clip the global gradient norm (0 = off)
     seed: int = 0
     device: str = "auto"  # auto picks cuda, then mps, then cpu
@@ -138,6 +140,12 @@ def parse_args(argv):
     return args.pop("model"), args.pop("task"), args
 
 
+def model_config_for(model_name, task, values):
+    """The model's config, sized for the task's inputs and outputs."""
+    sizes = {k: task.spec[k] for k in ("input_size", "output_size") if k in task.spec}
+    return build_config(MODELS[model_name][0], {**values, **sizes}, "model")
+
+
 def split_flags(flags, config_cls):
     names = {f.name for f in fields(config_cls)}
     return {k: v for k, v in flags.items() if k in names}
@@ -172,18 +180,44 @@ def heatmap(values, cell):
     return rgb.repeat_interleave(cell, 0).repeat_interleave(cell, 1).round().to(torch.uint8)
 
 
-def draw_panels(path, panels, max_width=1200):
-    """panels: list of (name, 2-D tensor in [0, 1]) drawn top to bottom, grey gaps between."""
+# A 3 x 5 pixel font for panel labels: each glyph is its five rows of three pixels.
+FONT = dict(item.split(":") for item in """
+A:010101111101101 B:110101110101110 C:011100100100011 D:110101101101110 E:111100110100111
+F:111100110100100 G:011100101101011 H:101101111101101 I:111010010010111 J:001001001101010
+K:101101110101101 L:100100100100111 M:101111111101101 N:110101101101101 O:010101101101010
+P:110101110100100 Q:010101101110011 R:110101110101101 S:011100010001110 T:111010010010010
+U:101101101101111 V:101101101101010 W:101101111111101 X:101101010101101 Y:101101010010010
+Z:111001010100111 0:111101101101111 1:010110010010111 2:110001010100111 3:110001010001110
+4:101101111001001 5:111100110001110 6:011100111101111 7:111001010010010 8:111101111101111
+9:111101111001110 _:000000000000111 -:000000111000000 .:000000000000010 =:000111000111000
+(:001010010010001 ):100010010010100 @:010101111100011 /:001001010100100 +:000010111010000
+""".split())
+
+
+def text_image(text, scale=2, width=None):
+    """White capitals on grey: (7 * scale, width, 3) uint8."""
+    glyphs = [torch.tensor([int(b) for b in FONT.get(ch, "0" * 15)]).view(5, 3) for ch in text.upper()]
+    spaced = [torch.cat([g, torch.zeros(5, 1, dtype=torch.long)], dim=1) for g in glyphs] or [torch.zeros(5, 1, dtype=torch.long)]
+    bitmap = torch.nn.functional.pad(torch.cat(spaced, dim=1), (1, 0, 1, 1))  # (7, 4 * len + 1)
+    pixels = bitmap.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
+    image = torch.where(pixels.bool().unsqueeze(-1), torch.tensor(255), torch.tensor(96)).to(torch.uint8).expand(-1, -1, 3)
+    width = width or image.shape[1]
+    pad = torch.full((image.shape[0], max(0, width - image.shape[1]), 3), 96, dtype=torch.uint8)
+    return torch.cat([image, pad], dim=1)[:, :width]
+
+
+def draw_panels(path, panels, max_width=1200, max_height=1600):
+    """panels: list of (label, 2-D tensor in [0, 1]) drawn top to bottom, each under its label."""
     cols = max(p.shape[1] for _, p in panels)
-    cell = max(2, min(16, max_width // max(cols, 1)))
+    rows = sum(p.shape[0] + 2 for _, p in panels)
+    cell = max(2, min(16, max_width // max(cols, 1), max_height // rows))
     images = [heatmap(p, cell) for _, p in panels]
-    width = max(img.shape[1] for img in images)
-    gap = torch.full((cell, width, 3), 128, dtype=torch.uint8)
-    rows = []
-    for img in images:
-        pad = torch.full((img.shape[0], width - img.shape[1], 3), 128, dtype=torch.uint8)
-        rows += [torch.cat([img, pad], dim=1), gap]
-    write_png(path, torch.cat(rows[:-1], dim=0))
+    width = max(img.shape[1] for img in images + [text_image(label) for label, _ in panels])
+    stack = []
+    for (label, _), img in zip(panels, images):
+        pad = torch.full((img.shape[0], width - img.shape[1], 3), 96, dtype=torch.uint8)
+        stack += [text_image(label, width=width), torch.cat([img, pad], dim=1)]
+    write_png(path, torch.cat(stack, dim=0))
 
 
 def internal_panels(internals, index=0):
@@ -192,10 +226,12 @@ def internal_panels(internals, index=0):
     for name, value in internals.items():
         v = value[index].float()  # (T, ...)
         v = v.reshape(v.shape[0], -1).T  # (features, T)
-        if name.endswith("weights"):
+        if name.endswith("weights"):  # memory is circular: show the shortest arc of rows used
             used = (v.max(dim=1).values > 0.01).nonzero().flatten()
             if len(used):
-                v = v[used.min(): used.max() + 1]
+                gaps = torch.diff(used, append=used[:1] + len(v))  # distance to the next used row
+                start = int(used[(int(gaps.argmax()) + 1) % len(used)])
+                v = torch.roll(v, -start, dims=0)[: len(v) - int(gaps.max()) + 1]
         else:  # signed vectors: map [-1, 1] to [0, 1]
             v = (v + 1) / 2
         panels.append((name, v))
@@ -318,7 +354,6 @@ def main(argv=None):
         fitting = [m for m, (_, _, k) in MODELS.items() if task.spec["kind"] in k]
         raise UserError(f"--model {model_name} does not fit --task {task_name} ({task.spec['kind']} data): "
                         f"use one of {', '.join(fitting)}")
-    sizes = {k: task.spec[k] for k in ("input_size", "output_size") if k in task.spec}
     if ckpt:
         model_flags = split_flags(flags, model_cls_cfg)
         clash = {k: v for k, v in model_flags.items() if ckpt["model_config"].get(k) != v}
@@ -327,7 +362,7 @@ def main(argv=None):
                             "drop them or pass another --out_dir")
         model_cfg = build_config(model_cls_cfg, ckpt["model_config"], "model")
     else:
-        model_cfg = build_config(model_cls_cfg, {**split_flags(flags, model_cls_cfg), **sizes}, "model")
+        model_cfg = model_config_for(model_name, task, split_flags(flags, model_cls_cfg))
 
     torch.manual_seed(cfg.seed)
     model = model_cls(model_cfg).to(device)
@@ -347,9 +382,8 @@ def main(argv=None):
 
     if cfg.eval_only:
         if master:
-            t0 = time.time()
-            metrics = {**evaluate(model, task, eval_data, device, autocast), "iter": ckpt["iter"]}
-            metrics["seconds"] = round(time.time() - t0, 2)
+            metrics = {**evaluate(model, task, eval_data, device, autocast), "iter": ckpt["iter"],
+                       "seconds": round(ckpt["seconds"], 1)}  # the training time, as after training
             atomic_write(os.path.join(out_dir, "metrics.json"), json.dumps(metrics, indent=2))
             if cfg.figures:
                 draw_figures(model, task, eval_data, out_dir, device, autocast)
@@ -404,6 +438,10 @@ def main(argv=None):
     t_last, seqs_since = time.time(), 0
     while iter_num < cfg.max_iters:
         t0 = time.time()
+        if cfg.decay_lr:
+            progress = iter_num / max(cfg.max_iters, 1)
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
         batch = to_device(task.train_batch(cfg.batch_size, data_gen), device)
         with autocast:
             logits, _ = model(batch["x"])

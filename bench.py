@@ -1,0 +1,104 @@
+"""
+Training throughput of every model on its tasks: one optimizer step (forward, backward,
+Adam) on a fixed batch shape, timed after warm-up, median over several runs.
+
+    python bench.py                                   # every model on copy, batch 1, 16 and 32
+    python bench.py --models ntm --tasks copy,associative_recall --batch_sizes 16
+    python bench.py --device cuda --compile           # on a GPU, compiled, bf16 autocast
+
+Prints one row per (model, task, batch size) and, with --json FILE, writes them as JSON lines.
+The shape is the task's `bench_setting` (copy: length-20 sequences, 41 steps).
+"""
+
+import argparse
+import json
+import statistics
+import time
+from contextlib import nullcontext
+
+import torch
+
+from data import TASKS
+from train import MODELS, autodetect_device, model_config_for
+
+
+def time_training(model_name, task_name, batch_size, device, compile_model, warmup, runs, steps):
+    task = TASKS[task_name][1](TASKS[task_name][0]())
+    model = MODELS[model_name][1](model_config_for(model_name, task, {})).to(device)
+    if compile_model:
+        if hasattr(model, "step"):
+            model.step = torch.compile(model.step)
+        else:
+            model = torch.compile(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    batch = task.eval_batch(task.bench_setting, batch_size, torch.Generator().manual_seed(0))
+    batch = {k: v.to(device) for k, v in batch.items()}
+    device_type = device.split(":")[0]
+    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
+
+    def train_step():
+        with autocast:
+            logits, _ = model(batch["x"])
+        loss = task.loss(logits, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def sync():
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        train_step()
+    sync()
+    per_step = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            train_step()
+        sync()
+        per_step.append((time.perf_counter() - t0) / steps)
+    ms = 1000 * statistics.median(per_step)
+    return {"model": model_name, "task": task_name, "setting": task.bench_setting, "batch": batch_size,
+            "device": device, "compile": compile_model, "threads": torch.get_num_threads(),
+            "ms_per_step": round(ms, 2), "ms_per_seq": round(ms / batch_size, 3),
+            "seq_per_s": round(1000 * batch_size / ms, 1)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated")
+    parser.add_argument("--tasks", default="copy", help="comma-separated")
+    parser.add_argument("--batch_sizes", default="1,16,32", help="comma-separated")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (the step of recurrent ones)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5, help="timed runs; the median is reported")
+    parser.add_argument("--steps", type=int, default=10, help="training steps per timed run")
+    parser.add_argument("--json", default="", help="also append the rows to this file as JSON lines")
+    args = parser.parse_args()
+    models, tasks = args.models.split(","), args.tasks.split(",")
+    unknown = [m for m in models if m not in MODELS] + [t for t in tasks if t not in TASKS]
+    if unknown:
+        parser.error(f"unknown model or task {', '.join(unknown)}: models are {', '.join(MODELS)}, tasks {', '.join(TASKS)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = autodetect_device(args.device)
+    print(f"{'model':<8} {'task':<20} {'batch':>5} {'ms/step':>9} {'ms/seq':>8} {'seq/s':>8}")
+    for task_name in tasks:
+        for model_name in models:
+            if TASKS[task_name][1].kind not in MODELS[model_name][2]:
+                continue
+            for batch_size in map(int, args.batch_sizes.split(",")):
+                row = time_training(model_name, task_name, batch_size, device, args.compile,
+                                    args.warmup, args.runs, args.steps)
+                print(f"{model_name:<8} {task_name:<20} {batch_size:>5} {row['ms_per_step']:>9.2f} "
+                      f"{row['ms_per_seq']:>8.3f} {row['seq_per_s']:>8.1f}", flush=True)
+                if args.json:
+                    with open(args.json, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Properties every sequence model here must have, checked on the NTM and the LSTM baseline."""
+
+import pytest
+import torch
+
+from lstm import LSTM, LSTMConfig
+from ntm import NTM, NTMConfig
+
+MODELS = {
+    "ntm_lstm_controller": lambda: NTM(NTMConfig(memory_size=16, controller_size=32)),
+    "ntm_feedforward_2x2_heads": lambda: NTM(NTMConfig(controller="feedforward", memory_size=16,
+                                                       num_read_heads=2, num_write_heads=2)),
+    "lstm": lambda: LSTM(LSTMConfig(hidden_size=32, num_layers=2)),
+}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_a_samples_output_does_not_depend_on_the_rest_of_its_batch(name):
+    torch.manual_seed(0)
+    model = MODELS[name]()
+    x = torch.randn(5, 9, 9)
+    together, _ = model(x)
+    alone, _ = model(x[2:3])
+    assert torch.allclose(together[2:3], alone, atol=1e-5)
+    changed = x.clone()
+    changed[0] += 1.0  # disturbing another sample changes nothing for sample 2
+    assert torch.allclose(model(changed)[0][2], together[2], atol=1e-6)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_gradients_reach_every_parameter(name):
+    torch.manual_seed(0)
+    model = MODELS[name]()
+    logits, _ = model(torch.randn(3, 6, 9))
+    logits.pow(2).sum().backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, pname
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_outputs_are_causal_in_time(name):
+    torch.manual_seed(0)
+    model = MODELS[name]()
+    x = torch.randn(2, 8, 9)
+    later = x.clone()
+    later[:, 5:] = torch.randn(2, 3, 9)  # changing the future leaves the past alone
+    assert torch.allclose(model(x)[0][:, :5], model(later)[0][:, :5], atol=1e-6)
