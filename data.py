@@ -4,8 +4,9 @@ The tasks. Each one knows its problem and nothing about models:
 - `spec`: what its inputs and targets look like, so train.py can size a model,
 - `train_batch(batch_size, generator)`: a fresh seeded batch from the training distribution,
 - `eval_settings`: the generalisation settings, declared in one place, and `eval_batch(...)`,
-- `loss(logits, batch)` and `metrics(logits, batch)`,
-- `figure_panels(logits, batch)`: 2-D arrays in [0, 1] that train.py draws as pictures,
+- `loss(logits, batch)` and `metrics(logits, batch, internals)` (internals: what the model
+  returned beside its outputs, e.g. an ACT model's ponder cost),
+- `figure_panels(logits, batch, internals)`: 2-D arrays in [0, 1] that train.py draws,
 - `bench_setting`: the evaluation setting bench.py times training on (a fixed shape).
 
 A batch is a dict of tensors. Sequence tasks give x (B, T, in), y (B, T, out) and mask (B, T),
@@ -41,16 +42,30 @@ class BitSequenceTask:
         mask = batch["mask"].unsqueeze(-1)
         return (bce * mask).sum() / (mask.sum() * logits.shape[-1])
 
-    def metrics(self, logits, batch):
+    def metrics(self, logits, batch, internals):
         """Sums over the batch (train.py adds them up over batches and divides by 'count')."""
         wrong = ((logits > 0).float() != batch["y"]).float() * batch["mask"].unsqueeze(-1)
-        return {self.metric: wrong.sum().item(), "count": logits.shape[0]}
+        return {self.metric: wrong.sum().item(), "count": logits.shape[0], **ponder_sum(internals)}
 
-    def figure_panels(self, logits, batch, index=0):
+    def figure_panels(self, logits, batch, internals, index=0):
         """Target and output of one sequence over its scored steps: (channels, time) each."""
         keep = batch["mask"][index] > 0
         return [("target", batch["y"][index][keep].T),
                 ("output", torch.sigmoid(logits[index].float())[keep].T)]
+
+
+def ponder_sum(internals):
+    """For models that ponder (ACT): the sum over the batch of each sequence's mean ponder cost
+    per input step, so that dividing by the count gives the mean rho per input step."""
+    if "ponder_cost" not in internals:
+        return {}
+    return {"ponder": internals["ponder_cost"].float().mean(1).sum().item()}
+
+
+def _check_positive(config, *names):
+    for name in names:
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
 
 
 def _randint(low, high, generator):
@@ -71,12 +86,14 @@ class CopyConfig:
     min_len: int = 1  # section 4.1: training lengths uniform in 1..20
     max_len: int = 20
     eval_lengths: tuple = (10, 20, 30, 50, 120)  # Fig. 4: generalisation to 30, 50, 120
+    eval_samples: int = 256  # test sequences per length
 
     def __post_init__(self):
         if not 1 <= self.min_len <= self.max_len:
             raise ValueError(f"need 1 <= min_len <= max_len, got {self.min_len}, {self.max_len}")
-        if self.width < 1 or min(self.eval_lengths) < 1:
-            raise ValueError("width and eval_lengths must be positive")
+        _check_positive(self, "width", "eval_samples")
+        if not self.eval_lengths or min(self.eval_lengths) < 1:
+            raise ValueError(f"eval_lengths must be positive, got {self.eval_lengths}")
 
 
 class Copy(BitSequenceTask):
@@ -118,10 +135,12 @@ class RepeatCopyConfig:
     max_repeats: int = 10
     # Fig. 9: generalisation to longer sequences (20 x 10) and more repeats (10 x 20)
     eval_settings: tuple = ("10x10", "10x20", "20x10")  # "<length>x<repeats>"
+    eval_samples: int = 256  # test sequences per setting
 
     def __post_init__(self):
         if not (1 <= self.min_len <= self.max_len and 1 <= self.min_repeats <= self.max_repeats):
             raise ValueError("need 1 <= min_len <= max_len and 1 <= min_repeats <= max_repeats")
+        _check_positive(self, "width", "eval_samples")
         for s in self.eval_settings:
             parts = s.split("x")
             if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
@@ -173,10 +192,12 @@ class AssociativeRecallConfig:
     min_items: int = 2  # section 4.3: 2..6 items in training
     max_items: int = 6
     eval_items: tuple = (6, 10, 15, 20)  # Fig. 12: generalisation up to 20 items
+    eval_samples: int = 256  # test sequences per setting
 
     def __post_init__(self):
         if not 2 <= self.min_items <= self.max_items or min(self.eval_items) < 2:
             raise ValueError("associative_recall needs at least 2 items (min_items <= max_items)")
+        _check_positive(self, "width", "item_len", "eval_samples")
 
 
 class AssociativeRecall(BitSequenceTask):
@@ -218,9 +239,63 @@ class AssociativeRecall(BitSequenceTask):
 
 
 # ----------------------------------------------------------------------------------------------
+# ACT paper (Graves 2016, arXiv:1603.08983), section 3.1: parity
+
+@dataclass
+class ParityConfig:
+    input_size: int = 64  # section 3.1: 64-element vectors
+    eval_samples: int = 4096  # fresh test vectors
+
+    def __post_init__(self):
+        _check_positive(self, "input_size", "eval_samples")
+
+
+class Parity(BitSequenceTask):
+    """One vector per sequence (T = 1): its first k entries (k uniform in 1..input_size) are
+    +1 or -1 at random, the rest 0; the target is 1 when the number of +1 entries is odd.
+    Metrics: err, the % of wrong answers, and ponder, the mean ponder cost, for ACT models."""
+
+    metric = "err"
+
+    def __init__(self, config, data_dir=None):
+        super().__init__(config)
+        self.spec = {"kind": self.kind, "input_size": config.input_size, "output_size": 1}
+        self.eval_settings = {str(config.input_size): {}}
+        self.bench_setting = str(config.input_size)
+
+    def sample_train_setting(self, generator):
+        return {}
+
+    def make_batch(self, batch_size, generator):
+        n = self.config.input_size
+        nonzero = torch.randint(1, n + 1, (batch_size, 1), generator=generator)  # how many entries are set
+        signs = torch.randint(0, 2, (batch_size, n), generator=generator).float() * 2 - 1
+        x = signs * (torch.arange(n) < nonzero)  # (B, n): the first `nonzero` entries are +-1
+        y = ((x == 1).sum(-1) % 2).float()  # odd number of +1 entries
+        return {"x": x.unsqueeze(1), "y": y.view(batch_size, 1, 1), "mask": torch.ones(batch_size, 1)}
+
+    def metrics(self, logits, batch, internals):
+        wrong = ((logits > 0).float() != batch["y"]).float().sum().item()
+        return {"err": 100.0 * wrong, "count": logits.shape[0], **ponder_sum(internals)}
+
+    def figure_panels(self, logits, batch, internals):
+        """Paper Fig. 6 as a 2-D histogram: ponder steps (rows, 1 at the top) against the number
+        of non-zero inputs (columns), each column normalised; and right/wrong per column."""
+        if "steps" not in internals:
+            return []
+        nonzero = (batch["x"][:, 0] != 0).sum(-1)  # (B,)
+        steps = internals["steps"][:, 0].long()
+        n, top = self.config.input_size, int(steps.max())
+        counts = torch.zeros(top, n)
+        counts.index_put_((steps - 1, nonzero - 1), torch.ones(len(steps)), accumulate=True)
+        return [("ponder steps vs nonzero inputs", counts / counts.sum(0, keepdim=True).clamp(min=1))]
+
+
+# ----------------------------------------------------------------------------------------------
 
 TASKS = {  # name -> (config class, task class)
     "copy": (CopyConfig, Copy),
     "repeat_copy": (RepeatCopyConfig, RepeatCopy),
     "associative_recall": (AssociativeRecallConfig, AssociativeRecall),
+    "parity": (ParityConfig, Parity),
 }

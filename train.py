@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from data import TASKS
+from act import ACT, ACTConfig
 from lstm import LSTM, LSTMConfig
 from ntm import NTM, NTMConfig
 
@@ -38,28 +39,28 @@ from ntm import NTM, NTMConfig
 MODELS = {
     "ntm": (NTMConfig, NTM, ("sequence",)),
     "lstm": (LSTMConfig, LSTM, ("sequence",)),
+    "act": (ACTConfig, ACT, ("sequence",)),
 }
 
 # Training settings that reproduce each result; flags override them.
 PRESETS = {
-    ("ntm", "copy"): dict(max_iters=3000, batch_size=32, lr=1e-3, eval_interval=500),
-    ("lstm", "copy"): dict(max_iters=3000, batch_size=32, lr=1e-3, eval_interval=500),
+    ("ntm", "copy"): dict(max_iters=5000, batch_size=32, lr=1e-3),
+    ("lstm", "copy"): dict(max_iters=5000, batch_size=32, lr=1e-3),
 }
 
 
 @dataclass
 class TrainConfig:
-    max_iters: int = 3000  # optimizer steps
+    max_iters: int = 5000  # optimizer steps
     batch_size: int = 32  # per process
     lr: float = 1e-3  # Adam
-    decay_lr: bool = True  # cosine decay from lr to lr/10 over max_iters
+    decay_lr: bool = False  # cosine decay from lr to lr/10 over max_iters
     grad_clip: float = 10.0  # clip the global gradient norm (0 = off)
     seed: int = 0
     device: str = "auto"  # auto picks cuda, then mps, then cpu
     out_dir: str = ""  # default out/<model>_<task>
     data_dir: str = ""  # where real datasets are cached or read offline
     eval_interval: int = 500  # evaluate and checkpoint every this many steps
-    eval_samples: int = 256  # sequences per evaluation setting
     log_interval: int = 10  # write the training loss to log.jsonl every this many steps
     compile: bool = None  # torch.compile; default on for cuda, off elsewhere
     figures: bool = True  # draw PNG figures after the final evaluation
@@ -67,7 +68,7 @@ class TrainConfig:
     eval_only: bool = False  # evaluate <out_dir>/ckpt.pt and exit
 
     def __post_init__(self):
-        for name in ("max_iters", "batch_size", "eval_interval", "eval_samples", "log_interval"):
+        for name in ("max_iters", "batch_size", "eval_interval", "log_interval"):
             if getattr(self, name) < (0 if name == "max_iters" else 1):
                 raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
         if not self.lr > 0 or self.grad_clip < 0:
@@ -232,8 +233,10 @@ def internal_panels(internals, index=0):
                 gaps = torch.diff(used, append=used[:1] + len(v))  # distance to the next used row
                 start = int(used[(int(gaps.argmax()) + 1) % len(used)])
                 v = torch.roll(v, -start, dims=0)[: len(v) - int(gaps.max()) + 1]
-        else:  # signed vectors: map [-1, 1] to [0, 1]
-            v = (v + 1) / 2
+        elif v.min() < 0:  # signed vectors: map [-m, m] to [0, 1]
+            v = v / (2 * v.abs().max().clamp(min=1e-8)) + 0.5
+        else:  # counts and costs: map [0, max] to [0, 1]
+            v = v / v.max().clamp(min=1e-8)
         panels.append((name, v))
     return panels
 
@@ -297,8 +300,8 @@ def evaluate(model, task, eval_data, device, autocast):
         for batch in batches:
             batch = to_device(batch, device)
             with autocast:
-                logits, _ = model(batch["x"])
-            for key, value in task.metrics(logits, batch).items():
+                logits, internals = model(batch["x"])
+            for key, value in task.metrics(logits, batch, internals).items():
                 totals[key] = totals.get(key, 0) + value
         count = totals.pop("count")
         results.update({f"{key}@{setting}": value / count for key, value in totals.items()})
@@ -311,14 +314,16 @@ def draw_figures(model, task, eval_data, out_dir, device, autocast):
     internals over time for one sequence (Fig. 6) where it has any."""
     model.eval()
     for setting, batches in eval_data.items():
-        batch = to_device({k: v[:1] for k, v in batches[0].items()}, device)
+        batch = to_device(batches[0], device)
         with torch.no_grad(), autocast:
             logits, internals = model(batch["x"], return_internals=True)
-        draw_panels(os.path.join(out_dir, f"outputs_{setting}.png"), task.figure_panels(logits.cpu(), to_device(batch, "cpu")))
-        if internals:
+        internals = {k: v.cpu() for k, v in internals.items()}
+        panels = task.figure_panels(logits.cpu(), to_device(batch, "cpu"), internals)
+        if panels:
+            draw_panels(os.path.join(out_dir, f"outputs_{setting}.png"), panels)
+        if internals and batch["x"].shape[1] > 1:  # internals over time, for one sequence
             inputs = [("input", batch["x"][0].float().cpu().T)]
             outputs = [("output", torch.sigmoid(logits[0].float()).cpu().T)]
-            internals = {k: v.cpu() for k, v in internals.items()}
             draw_panels(os.path.join(out_dir, f"internals_{setting}.png"), inputs + internal_panels(internals) + outputs)
     model.train()
 
@@ -376,8 +381,8 @@ def main(argv=None):
 
     # evaluation data: fixed seeds, the same for every run and every training seed
     eval_gen = torch.Generator().manual_seed(1234)
-    eval_data = {s: [task.eval_batch(s, min(cfg.batch_size * 8, cfg.eval_samples - i), eval_gen)
-                     for i in range(0, cfg.eval_samples, cfg.batch_size * 8)]
+    n = task_cfg.eval_samples
+    eval_data = {s: [task.eval_batch(s, min(cfg.batch_size * 8, n - i), eval_gen) for i in range(0, n, cfg.batch_size * 8)]
                  for s in task.eval_settings}
 
     if cfg.eval_only:
@@ -444,8 +449,10 @@ def main(argv=None):
                 group["lr"] = cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
         batch = to_device(task.train_batch(cfg.batch_size, data_gen), device)
         with autocast:
-            logits, _ = model(batch["x"])
+            logits, internals = model(batch["x"])
         loss = task.loss(logits, batch)
+        if hasattr(raw_model, "ponder_loss"):  # ACT: + tau * ponder cost, with its gradient
+            loss = loss + raw_model.ponder_loss(internals)
         if not torch.isfinite(loss):
             last = f"the last good checkpoint is kept in {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was written"
             raise UserError(f"loss became {loss.item()} at step {iter_num + 1}; {last}: lower --lr or --grad_clip")

@@ -62,7 +62,7 @@ def test_bit_error_counts_wrong_bits_per_sequence():
     logits = (batch["y"] * 2 - 1) * 5  # perfect answers
     logits[0, 4, 0] *= -1  # one wrong bit in sequence 0 (a scored step)
     logits[1, 0, 0] = -logits[1, 0, 0]  # a flip outside the scored steps does not count
-    m = task.metrics(logits, batch)
+    m = task.metrics(logits, batch, {})
     assert m == {"bit_err": 1.0, "count": 2}
 
 
@@ -71,3 +71,26 @@ def test_bad_task_settings_are_refused():
         CopyConfig(min_len=5, max_len=2)
     with pytest.raises(ValueError, match="10x20"):
         RepeatCopyConfig(eval_settings=("ten",))
+
+
+def test_parity_vectors_set_a_prefix_to_plus_minus_one_and_target_the_parity_of_plus_ones():
+    from data import Parity, ParityConfig
+    task = Parity(ParityConfig())
+    batch = task.make_batch(512, gen())
+    x, y = batch["x"][:, 0], batch["y"][:, 0, 0]
+    assert x.shape == (512, 64) and set(x.unique().tolist()) <= {-1.0, 0.0, 1.0}
+    nonzero = (x != 0).sum(-1)
+    assert nonzero.min() >= 1 and nonzero.max() <= 64
+    assert torch.equal(x[torch.arange(64).expand(512, -1) >= nonzero.unsqueeze(1)], torch.zeros(int((64 - nonzero).sum())))
+    assert torch.equal(y, ((x == 1).sum(-1) % 2).float())
+    assert 0.4 < y.mean() < 0.6
+
+
+def test_parity_error_is_a_percentage_and_ponder_is_the_mean_cost():
+    from data import Parity, ParityConfig
+    task = Parity(ParityConfig(input_size=4))
+    batch = task.make_batch(4, gen())
+    logits = (batch["y"] * 2 - 1) * 5
+    logits[0] *= -1  # one of four wrong
+    internals = {"ponder_cost": torch.tensor([[2.5], [3.0], [1.5], [1.0]])}
+    assert task.metrics(logits, batch, internals) == {"err": 100.0, "count": 4, "ponder": 8.0}

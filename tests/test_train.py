@@ -149,7 +149,7 @@ def test_an_unavailable_device_is_refused(tmp_path):
 
 def test_a_model_that_does_not_fit_the_task_is_refused(tmp_path, monkeypatch):
     monkeypatch.setitem(train.MODELS, "imagenet_only", (train.LSTMConfig, train.LSTM, ("image",)))
-    with pytest.raises(UserError, match="does not fit --task copy .* use one of ntm, lstm"):
+    with pytest.raises(UserError, match="does not fit --task copy .* use one of ntm, lstm, act"):
         main(["--out_dir", str(tmp_path / "out"), "--model", "imagenet_only"])
     assert not os.path.exists(tmp_path / "out")
 
@@ -187,7 +187,7 @@ def test_the_command_line_prints_one_error_line_and_exits_non_zero(tmp_path):
     proc = subprocess.run([sys.executable, "train.py", "--model", "gpt", "--out_dir", out],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["error: unknown model 'gpt': choose one of ntm, lstm"]
+    assert proc.stderr.strip().splitlines() == ["error: unknown model 'gpt': choose one of ntm, lstm, act"]
     assert not os.path.exists(out)
 
 
@@ -235,3 +235,17 @@ def test_ddp_with_two_gloo_processes_keeps_parameters_in_agreement(tmp_path):
     single, _ = run(tmp_path, "--max_iters", "3", name="single")  # and it did train on different data
     assert not torch.equal(torch.load(os.path.join(single, "ckpt.pt"), weights_only=True)["model"]["init_reads"],
                            ckpt["model"]["init_reads"])
+
+
+def test_act_on_parity_trains_with_its_ponder_cost_and_reports_it(tmp_path):
+    out = str(tmp_path / "act")
+    result = main(["--model", "act", "--task", "parity", "--out_dir", out, "--input_size", "8",
+                   "--hidden_size", "32", "--eval_samples", "256", "--batch_size", "32", "--max_iters", "400",
+                   "--eval_interval", "400", "--log_interval", "10", "--lr", "1e-2", "--time_penalty", "1e-2"])
+    metrics = result["metrics"]
+    assert set(metrics) == {"err@8", "ponder@8", "iter", "seconds"}
+    assert metrics["ponder@8"] >= 1.0  # rho = N + R is at least 1
+    curve = losses(out)
+    assert sum(curve[-3:]) / 3 < curve[0]
+    assert metrics["err@8"] < 25  # chance is 50 %
+    assert os.path.exists(os.path.join(out, "outputs_8.png"))  # ponder steps vs non-zero inputs
