@@ -46,6 +46,9 @@ MODELS = {
 PRESETS = {
     ("ntm", "copy"): dict(max_iters=5000, batch_size=32, lr=1e-3),
     ("lstm", "copy"): dict(max_iters=5000, batch_size=32, lr=1e-3),
+    ("ntm", "repeat_copy"): dict(max_iters=5000, batch_size=32, lr=1e-3),
+    ("ntm", "associative_recall"): dict(max_iters=5000, batch_size=32, lr=1e-3),
+    ("act", "parity"): dict(max_iters=30000, batch_size=128, lr=1e-3, eval_interval=2500, log_interval=50),
 }
 
 
@@ -386,6 +389,7 @@ def main(argv=None):
                  for s in task.eval_settings}
 
     if cfg.eval_only:
+        metrics = None
         if master:
             metrics = {**evaluate(model, task, eval_data, device, autocast), "iter": ckpt["iter"],
                        "seconds": round(ckpt["seconds"], 1)}  # the training time, as after training
@@ -393,7 +397,7 @@ def main(argv=None):
             if cfg.figures:
                 draw_figures(model, task, eval_data, out_dir, device, autocast)
             print(json.dumps(metrics))
-        return {"metrics": metrics if master else None, "model": model}
+        return {"metrics": metrics, "model": model}
 
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     data_gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)

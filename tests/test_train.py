@@ -249,3 +249,14 @@ def test_act_on_parity_trains_with_its_ponder_cost_and_reports_it(tmp_path):
     assert sum(curve[-3:]) / 3 < curve[0]
     assert metrics["err@8"] < 25  # chance is 50 %
     assert os.path.exists(os.path.join(out, "outputs_8.png"))  # ponder steps vs non-zero inputs
+
+
+def test_bench_times_a_training_step_and_writes_json_rows(tmp_path):
+    rows = tmp_path / "bench.jsonl"
+    proc = subprocess.run([sys.executable, "bench.py", "--models", "ntm,act", "--tasks", "copy,parity",
+                           "--batch_sizes", "2", "--runs", "1", "--steps", "1", "--warmup", "0", "--threads", "1",
+                           "--json", str(rows)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    results = [json.loads(line) for line in rows.read_text().splitlines()]
+    assert {(r["model"], r["task"]) for r in results} == {("ntm", "copy"), ("ntm", "parity"), ("act", "copy"), ("act", "parity")}
+    assert all(r["ms_per_step"] > 0 and r["batch"] == 2 for r in results)
