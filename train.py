@@ -48,7 +48,7 @@ PRESETS = {
     ("lstm", "copy"): dict(max_iters=5000, batch_size=32, lr=1e-3),
     ("ntm", "repeat_copy"): dict(max_iters=5000, batch_size=32, lr=1e-3),
     ("ntm", "associative_recall"): dict(max_iters=5000, batch_size=32, lr=1e-3),
-    ("act", "parity"): dict(max_iters=30000, batch_size=128, lr=1e-3, eval_interval=2500, log_interval=50),
+    ("act", "parity"): dict(max_iters=50000, batch_size=128, lr=1e-3, eval_interval=2500, log_interval=50),
 }
 
 
