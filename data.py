@@ -292,10 +292,99 @@ class Parity(BitSequenceTask):
 
 
 # ----------------------------------------------------------------------------------------------
+# ACT paper, section 3.3: addition
+
+@dataclass
+class AdditionConfig:
+    max_numbers: int = 5  # section 3.3: sequences of 1 to 5 numbers
+    max_digits: int = 5  # section 3.3: each number has D digits, D uniform in 1..5
+    eval_samples: int = 1024  # test sequences
+
+    def __post_init__(self):
+        _check_positive(self, "max_numbers", "max_digits", "eval_samples")
+
+
+class Addition(BitSequenceTask):
+    """Each input is a number of D digits as D one-hot blocks of 10, most significant first, then
+    zeros (input size 10 * max_digits). The target at every step but the first is the running sum,
+    as max_digits + 1 classifications over 11 classes: the digits, most significant first, then
+    class 10 ('*') for the places after the end of the number. Sequences in a batch have their own
+    lengths; 'valid' marks the steps that hold an input. Metric seq_err: % of sequences (with at
+    least one target) that get any digit wrong; ponder: mean ponder cost per input step."""
+
+    metric = "seq_err"
+    classes = 11
+
+    def __init__(self, config, data_dir=None):
+        super().__init__(config)
+        self.places = config.max_digits + 1  # the sum of 5 five-digit numbers has at most 6 digits
+        self.spec = {"kind": self.kind, "input_size": 10 * config.max_digits,
+                     "output_size": self.places * self.classes}
+        self.eval_settings = {f"{config.max_numbers}x{config.max_digits}": {}}
+        self.bench_setting = next(iter(self.eval_settings))
+
+    def sample_train_setting(self, generator):
+        return {}
+
+    def digits(self, numbers, places):
+        """numbers (...) -> (..., places) digit classes, most significant first, 10 after the end."""
+        length = numbers.clamp(min=1).float().log10().floor().long() + 1  # how many digits
+        power = 10 ** (length.unsqueeze(-1) - 1 - torch.arange(places))  # place value of each slot
+        digit = torch.div(numbers.unsqueeze(-1), power.clamp(min=1), rounding_mode="floor") % 10
+        return torch.where(power >= 1, digit, torch.full_like(digit, 10))
+
+    def make_batch(self, batch_size, generator):
+        c, B, T = self.config, batch_size, self.config.max_numbers
+        lengths = torch.randint(1, T + 1, (B, 1), generator=generator)
+        valid = (torch.arange(T) < lengths).float()  # (B, T): steps with an input
+        num_digits = torch.randint(1, c.max_digits + 1, (B, T), generator=generator)
+        raw = torch.randint(0, 10, (B, T, c.max_digits), generator=generator)
+        used = torch.arange(c.max_digits) < num_digits.unsqueeze(-1)  # (B, T, max_digits)
+        onehot = F.one_hot(raw, 10).float() * used.unsqueeze(-1)  # unused places are zeros
+        x = onehot.reshape(B, T, 10 * c.max_digits) * valid.unsqueeze(-1)
+        place = 10 ** (num_digits.unsqueeze(-1) - 1 - torch.arange(c.max_digits)).clamp(min=0)
+        numbers = (raw * place * used).sum(-1) * valid.long()  # (B, T), the value of each input
+        targets = self.digits(numbers.cumsum(1), self.places)  # (B, T, places)
+        mask = valid.clone()
+        mask[:, 0] = 0.0  # no target for the first number (section 3.3)
+        return {"x": x, "y": targets, "mask": mask, "valid": valid}
+
+    def loss(self, logits, batch):
+        """Joint cross-entropy of the digit classifications, summed over places, mean over scored steps."""
+        B, T = batch["mask"].shape
+        ce = F.cross_entropy(logits.float().reshape(B * T * self.places, self.classes),
+                             batch["y"].reshape(-1), reduction="none").view(B, T, self.places).sum(-1)
+        return (ce * batch["mask"]).sum() / batch["mask"].sum().clamp(min=1)
+
+    def metrics(self, logits, batch, internals):
+        B, T = batch["mask"].shape
+        predicted = logits.reshape(B, T, self.places, self.classes).argmax(-1)
+        wrong_step = (predicted != batch["y"]).any(-1).float() * batch["mask"]  # (B, T)
+        scored = batch["mask"].sum(1) > 0  # sequences of one number have nothing to score
+        result = {"seq_err": 100.0 * (wrong_step.sum(1) > 0).sum().item(), "count": int(scored.sum())}
+        if "ponder_cost" in internals:  # mean over the steps that hold an input, per sequence
+            per_seq = (internals["ponder_cost"] * batch["valid"]).sum(1) / batch["valid"].sum(1)
+            result["ponder"] = (per_seq * scored).sum().item()
+        return result
+
+    def figure_panels(self, logits, batch, internals, index=0):
+        """Target and predicted digit classes (rows: places, columns: steps), and ponder per step."""
+        B, T = batch["mask"].shape
+        keep = batch["valid"][index] > 0
+        predicted = logits[index].reshape(T, self.places, self.classes).argmax(-1)
+        panels = [("target digits", batch["y"][index][keep].T / 10), ("predicted digits", predicted[keep].T / 10)]
+        if "ponder_cost" in internals:
+            ponder = internals["ponder_cost"][index][keep].unsqueeze(0)
+            panels.append(("ponder per input", ponder / ponder.max()))
+        return panels
+
+
+# ----------------------------------------------------------------------------------------------
 
 TASKS = {  # name -> (config class, task class)
     "copy": (CopyConfig, Copy),
     "repeat_copy": (RepeatCopyConfig, RepeatCopy),
     "associative_recall": (AssociativeRecallConfig, AssociativeRecall),
     "parity": (ParityConfig, Parity),
+    "addition": (AdditionConfig, Addition),
 }

@@ -42,13 +42,18 @@ MODELS = {
     "act": (ACTConfig, ACT, ("sequence",)),
 }
 
-# Training settings that reproduce each result; flags override them.
+# The settings (training, model or task fields) that reproduce each result; flags override them.
 PRESETS = {
     ("ntm", "copy"): dict(max_iters=5000, batch_size=32, lr=1e-3),
     ("lstm", "copy"): dict(max_iters=5000, batch_size=32, lr=1e-3),
     ("ntm", "repeat_copy"): dict(max_iters=5000, batch_size=32, lr=1e-3),
     ("ntm", "associative_recall"): dict(max_iters=5000, batch_size=32, lr=1e-3),
     ("act", "parity"): dict(max_iters=50000, batch_size=128, lr=1e-3, eval_interval=2500, log_interval=50),
+    # ACT paper, section 3.3: one LSTM layer of 512 cells, batch 32, at most M = 20 ponder steps
+    ("act", "addition"): dict(cell="lstm", hidden_size=512, max_steps=20, max_iters=10000, batch_size=32,
+                              lr=1e-3, eval_interval=1000, log_interval=50),
+    ("lstm", "addition"): dict(hidden_size=512, num_layers=1, max_iters=10000, batch_size=32, lr=1e-3,
+                               eval_interval=1000, log_interval=50),
 }
 
 
@@ -137,9 +142,10 @@ def parse_args(argv):
                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default="ntm", help=f"one of {', '.join(MODELS)}")
     parser.add_argument("--task", default="copy", help=f"one of {', '.join(TASKS)}")
-    add_fields(parser, "training", TrainConfig, defaults=PRESETS.get((known.model, known.task)))
-    add_fields(parser, f"model ({known.model})", model_cfg, skip=("input_size", "output_size"))
-    add_fields(parser, f"task ({known.task})", task_cfg)
+    preset = PRESETS.get((known.model, known.task))
+    add_fields(parser, "training", TrainConfig, defaults=preset)
+    add_fields(parser, f"model ({known.model})", model_cfg, skip=("input_size", "output_size"), defaults=preset)
+    add_fields(parser, f"task ({known.task})", task_cfg, defaults=preset)
     args = vars(parser.parse_args(argv))
     return args.pop("model"), args.pop("task"), args
 
@@ -335,7 +341,8 @@ def main(argv=None):
     model_name, task_name, flags = parse_args(sys.argv[1:] if argv is None else argv)
     model_cls_cfg, model_cls, kinds = MODELS[model_name]
     task_cls_cfg, task_cls = TASKS[task_name]
-    train_values = {**PRESETS.get((model_name, task_name), {}), **split_flags(flags, TrainConfig)}
+    preset = PRESETS.get((model_name, task_name), {})
+    train_values = {**split_flags(preset, TrainConfig), **split_flags(flags, TrainConfig)}
     cfg = build_config(TrainConfig, train_values, "training")
     out_dir = cfg.out_dir or os.path.join("out", f"{model_name}_{task_name}")
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
@@ -355,7 +362,7 @@ def main(argv=None):
 
     # configs: from the checkpoint when continuing, else from presets and flags
     ckpt = load_checkpoint(ckpt_path, model_name, task_name) if (cfg.resume or cfg.eval_only) else None
-    task_values = ckpt["task_config"] if ckpt else {}
+    task_values = ckpt["task_config"] if ckpt else split_flags(preset, task_cls_cfg)
     task_cfg = build_config(task_cls_cfg, {**task_values, **split_flags(flags, task_cls_cfg)}, "task")
     task = task_cls(task_cfg, data_dir=cfg.data_dir or None)
     if task.spec["kind"] not in kinds:
@@ -370,7 +377,8 @@ def main(argv=None):
                             "drop them or pass another --out_dir")
         model_cfg = build_config(model_cls_cfg, ckpt["model_config"], "model")
     else:
-        model_cfg = model_config_for(model_name, task, split_flags(flags, model_cls_cfg))
+        model_values = {**split_flags(preset, model_cls_cfg), **split_flags(flags, model_cls_cfg)}
+        model_cfg = model_config_for(model_name, task, model_values)
 
     torch.manual_seed(cfg.seed)
     model = model_cls(model_cfg).to(device)

@@ -94,3 +94,49 @@ def test_parity_error_is_a_percentage_and_ponder_is_the_mean_cost():
     logits[0] *= -1  # one of four wrong
     internals = {"ponder_cost": torch.tensor([[2.5], [3.0], [1.5], [1.0]])}
     assert task.metrics(logits, batch, internals) == {"err": 100.0, "count": 4, "ponder": 8.0}
+
+
+def test_addition_inputs_are_one_hot_digits_and_targets_the_running_sum_from_step_two():
+    from data import Addition, AdditionConfig
+    task = Addition(AdditionConfig())
+    batch = task.make_batch(64, gen())
+    x, y, mask, valid = batch["x"], batch["y"], batch["mask"], batch["valid"]
+    assert x.shape == (64, 5, 50) and y.shape == (64, 5, 6) and task.spec["output_size"] == 66
+    assert (mask[:, 0] == 0).all() and torch.equal(mask[:, 1:], valid[:, 1:])  # no target for the first number
+    blocks = x.view(64, 5, 5, 10)
+    assert set(blocks.sum(-1).unique().tolist()) <= {0.0, 1.0}  # each place one-hot or empty
+
+    def value(digit_blocks):  # one-hot places, most significant first, empty places after the end
+        used = [int(b.argmax()) for b in digit_blocks if b.sum() > 0]
+        return int("".join(map(str, used))) if used else 0
+
+    def number(classes):
+        return int("".join(str(int(c)) for c in classes if c < 10))
+
+    for b in range(64):
+        total = 0
+        for t in range(int(valid[b].sum())):
+            total += value(blocks[b, t])
+            assert number(y[b, t]) == total
+            assert (y[b, t] == 10).sum() == 6 - len(str(total))  # class 10 after the end
+
+
+def test_addition_digit_classes_by_hand():
+    from data import Addition, AdditionConfig
+    digits = Addition(AdditionConfig()).digits(torch.tensor([0, 7, 123, 412345]), 6)
+    assert digits.tolist() == [[0, 10, 10, 10, 10, 10], [7, 10, 10, 10, 10, 10],
+                               [1, 2, 3, 10, 10, 10], [4, 1, 2, 3, 4, 5]]
+
+
+def test_addition_sequence_error_counts_sequences_with_any_wrong_digit():
+    from data import Addition, AdditionConfig
+    task = Addition(AdditionConfig(max_numbers=3, max_digits=2))
+    batch = task.make_batch(8, gen(2))
+    logits = torch.nn.functional.one_hot(batch["y"], 11).float().reshape(8, 3, 33) * 10
+    assert task.metrics(logits, batch, {})["seq_err"] == 0.0
+    scored = int((batch["mask"].sum(1) > 0).sum())
+    assert task.metrics(logits, batch, {})["count"] == scored  # one-number sequences have no target
+    b = int((batch["mask"].sum(1) > 0).nonzero()[0])
+    t = int(batch["mask"][b].nonzero()[0])
+    logits[b, t] = logits[b, t].roll(1)  # every place of one scored step now wrong
+    assert task.metrics(logits, batch, {})["seq_err"] == 100.0

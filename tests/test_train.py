@@ -260,3 +260,16 @@ def test_bench_times_a_training_step_and_writes_json_rows(tmp_path):
     results = [json.loads(line) for line in rows.read_text().splitlines()]
     assert {(r["model"], r["task"]) for r in results} == {("ntm", "copy"), ("ntm", "parity"), ("act", "copy"), ("act", "parity")}
     assert all(r["ms_per_step"] > 0 and r["batch"] == 2 for r in results)
+
+
+def test_act_and_lstm_run_on_addition_with_the_papers_settings_as_presets(tmp_path):
+    out = str(tmp_path / "add")
+    result = main(["--model", "act", "--task", "addition", "--out_dir", out, "--hidden_size", "16",
+                   "--max_numbers", "3", "--max_digits", "2", "--eval_samples", "64", "--max_iters", "3"])
+    assert set(result["metrics"]) == {"seq_err@3x2", "ponder@3x2", "iter", "seconds"}
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ckpt["model_config"]["cell"] == "lstm" and ckpt["model_config"]["max_steps"] == 20  # section 3.3
+    assert os.path.exists(os.path.join(out, "outputs_3x2.png"))
+    result = main(["--model", "lstm", "--task", "addition", "--out_dir", str(tmp_path / "lstm"), "--hidden_size", "16",
+                   "--max_numbers", "3", "--max_digits", "2", "--eval_samples", "64", "--max_iters", "3"])
+    assert set(result["metrics"]) == {"seq_err@3x2", "iter", "seconds"}
