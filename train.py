@@ -50,8 +50,8 @@ PRESETS = {
     ("ntm", "associative_recall"): dict(max_iters=5000, batch_size=32, lr=1e-3),
     ("act", "parity"): dict(max_iters=50000, batch_size=128, lr=1e-3, eval_interval=2500, log_interval=50),
     # ACT paper, section 3.3: one LSTM layer of 512 cells, batch 32, at most M = 20 ponder steps
-    ("act", "addition"): dict(cell="lstm", hidden_size=512, max_steps=20, max_iters=10000, batch_size=32,
-                              lr=1e-3, eval_interval=1000, log_interval=50),
+    ("act", "addition"): dict(cell="lstm", hidden_size=512, max_steps=20, max_iters=2500, batch_size=32,
+                              lr=1e-3, eval_interval=500, log_interval=50),
     ("lstm", "addition"): dict(hidden_size=512, num_layers=1, max_iters=10000, batch_size=32, lr=1e-3,
                                eval_interval=1000, log_interval=50),
 }
