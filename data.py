@@ -9,8 +9,8 @@ The tasks. Each one knows its problem and nothing about models:
 - `figure_panels(logits, batch, internals)`: 2-D arrays in [0, 1] that train.py draws,
 - `bench_setting`: the evaluation setting bench.py times training on (a fixed shape).
 
-A batch is a dict of tensors. Sequence tasks give x (B, T, in), y (B, T, out) and mask (B, T),
-1 where the model is scored. Everything is generated on the fly from a torch.Generator, so
+A batch is a dict of tensors. Sequence tasks give x (B, T, in), targets y (B, T, ...) and
+mask (B, T), 1 where the model is scored. Everything is generated on the fly from a torch.Generator, so
 the same seed gives the same data. Add a task: write its class here and add it to TASKS.
 """
 
@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 
 
-class BitSequenceTask:
-    """Sequences of binary vectors in, binary vectors out (the NTM tasks).
-    Subclasses define make_batch(batch_size, generator, **setting) and the settings."""
+class SequenceTask:
+    """A sequence in, a sequence of targets out. The loss and metric here are for binary target
+    vectors (the NTM tasks); tasks with other targets override them. Subclasses define
+    make_batch(batch_size, generator, **setting), sample_train_setting and eval_settings."""
 
     kind = "sequence"
     metric = "bit_err"  # mean number of wrong bits per sequence, the paper's "cost per sequence"
@@ -96,7 +97,7 @@ class CopyConfig:
             raise ValueError(f"eval_lengths must be positive, got {self.eval_lengths}")
 
 
-class Copy(BitSequenceTask):
+class Copy(SequenceTask):
     """Input: L random vectors, then a delimiter on an extra channel. Output: the same L
     vectors, during the L steps after the delimiter (inputs are zero then)."""
 
@@ -147,7 +148,7 @@ class RepeatCopyConfig:
                 raise ValueError(f"repeat_copy eval settings look like '10x20' (length x repeats), got {s!r}")
 
 
-class RepeatCopy(BitSequenceTask):
+class RepeatCopy(SequenceTask):
     """Input: L random vectors, then one step with the delimiter channel on and the repeat
     count R (divided by max_repeats) on a second extra channel. Output: the sequence R
     times, then an end marker on an extra output channel."""
@@ -200,7 +201,7 @@ class AssociativeRecallConfig:
         _check_positive(self, "width", "item_len", "eval_samples")
 
 
-class AssociativeRecall(BitSequenceTask):
+class AssociativeRecall(SequenceTask):
     """Input: n items, each a delimiter step (channel W) and item_len vectors; then a query
     delimiter (channel W+1), one of the items but the last, another query delimiter.
     Output: the item that followed the queried one."""
@@ -250,7 +251,7 @@ class ParityConfig:
         _check_positive(self, "input_size", "eval_samples")
 
 
-class Parity(BitSequenceTask):
+class Parity(SequenceTask):
     """One vector per sequence (T = 1): its first k entries (k uniform in 1..input_size) are
     +1 or -1 at random, the rest 0; the target is 1 when the number of +1 entries is odd.
     Metrics: err, the % of wrong answers, and ponder, the mean ponder cost, for ACT models."""
@@ -304,7 +305,7 @@ class AdditionConfig:
         _check_positive(self, "max_numbers", "max_digits", "eval_samples")
 
 
-class Addition(BitSequenceTask):
+class Addition(SequenceTask):
     """Each input is a number of D digits as D one-hot blocks of 10, most significant first, then
     zeros (input size 10 * max_digits). The target at every step but the first is the running sum,
     as max_digits + 1 classifications over 11 classes: the digits, most significant first, then
