@@ -501,7 +501,7 @@ def main(argv=None):
             draw_figures(raw_model, task, eval_data, out_dir, device, autocast)
         scores = ", ".join(f"{k} {v:.3g}" for k, v in metrics.items() if "@" in k)
         print(f"{model_name} on {task_name}: {scores} after {iter_num} steps in {seconds:.0f} s of training.\n"
-              f"Files in {out_dir}: ckpt.pt, metrics.json, log.jsonl, *.png")
+              f"Files in {out_dir}: {', '.join(sorted(os.listdir(out_dir)))}")
     if ddp:
         torch.distributed.destroy_process_group()
     return {"metrics": metrics if master else None, "model": raw_model}
