@@ -502,7 +502,8 @@ def main(argv=None):
         scores = ", ".join(f"{k} {v:.3g}" for k, v in metrics.items() if "@" in k)
         print(f"{model_name} on {task_name}: {scores} after {iter_num} steps in {seconds:.0f} s of training.\n"
               f"Files in {out_dir}: {', '.join(sorted(os.listdir(out_dir)))}")
-    if ddp:
+    if ddp:  # leave together: no rank tears down the group while rank 0 is still writing
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return {"metrics": metrics if master else None, "model": raw_model}
 
