@@ -14,27 +14,23 @@ import argparse
 import json
 import statistics
 import time
-from contextlib import nullcontext
 
 import torch
 
 from data import TASKS
-from train import MODELS, autodetect_device, model_config_for
+from train import MODELS, autocast_for, autodetect_device, compile_for_training, model_config_for
 
 
 def time_training(model_name, task_name, batch_size, device, compile_model, warmup, runs, steps):
     task = TASKS[task_name][1](TASKS[task_name][0]())
     model = MODELS[model_name][1](model_config_for(model_name, task, {})).to(device)
     if compile_model:
-        if hasattr(model, "step"):
-            model.step = torch.compile(model.step)
-        else:
-            model = torch.compile(model)
+        model = compile_for_training(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     batch = task.eval_batch(task.bench_setting, batch_size, torch.Generator().manual_seed(0))
     batch = {k: v.to(device) for k, v in batch.items()}
     device_type = device.split(":")[0]
-    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
+    autocast = autocast_for(device_type)
 
     def train_step():
         with autocast:

@@ -17,6 +17,7 @@ On --resume and --eval_only the model and task configs come from the checkpoint.
 """
 
 import argparse
+import io
 import json
 import math
 import os
@@ -260,11 +261,6 @@ def atomic_write(path, data):
     os.replace(tmp, path)
 
 
-def save_checkpoint(path, state):
-    torch.save(state, f"{path}.tmp")
-    os.replace(f"{path}.tmp", path)
-
-
 def load_checkpoint(path, model_name, task_name):
     if not os.path.exists(path):
         raise UserError(f"no checkpoint at {path}: train first (without --resume/--eval_only) or pass the right --out_dir")
@@ -293,6 +289,22 @@ def autodetect_device(requested):
     if not available[kind]:
         raise UserError(f"--device {requested} is not available on this machine: use --device auto or cpu")
     return requested
+
+
+def autocast_for(device_type):
+    """bf16 autocast on CUDA where supported; eager fp32 elsewhere."""
+    if device_type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def compile_for_training(model):
+    """Recurrent models loop over time in Python: compile their one-step function, not the
+    unrolled loop. Returns the module to train (parameters and state dict stay the model's)."""
+    if hasattr(model, "step"):
+        model.step = torch.compile(model.step)
+        return model
+    return torch.compile(model)
 
 
 def to_device(batch, device):
@@ -387,8 +399,7 @@ def main(argv=None):
             model.load_state_dict(ckpt["model"])
         except RuntimeError:
             raise UserError(f"{ckpt_path} does not match the {model_name} model: delete it or pass another --out_dir")
-    autocast = (torch.autocast(device_type, dtype=torch.bfloat16)
-                if device_type == "cuda" and torch.cuda.is_bf16_supported() else nullcontext())
+    autocast = autocast_for(device_type)
 
     # evaluation data: fixed seeds, the same for every run and every training seed
     eval_gen = torch.Generator().manual_seed(1234)
@@ -396,14 +407,22 @@ def main(argv=None):
     eval_data = {s: [task.eval_batch(s, min(cfg.batch_size * 8, n - i), eval_gen) for i in range(0, n, cfg.batch_size * 8)]
                  for s in task.eval_settings}
 
+    raw_model = model  # saved and evaluated; a compiled / DDP-wrapped one may train
+
+    def evaluation(at_iter, train_seconds):
+        return {**evaluate(raw_model, task, eval_data, device, autocast), "iter": at_iter,
+                "seconds": round(train_seconds, 1)}
+
+    def write_results(metrics):
+        atomic_write(os.path.join(out_dir, "metrics.json"), json.dumps(metrics, indent=2))
+        if cfg.figures:
+            draw_figures(raw_model, task, eval_data, out_dir, device, autocast)
+
     if cfg.eval_only:
         metrics = None
         if master:
-            metrics = {**evaluate(model, task, eval_data, device, autocast), "iter": ckpt["iter"],
-                       "seconds": round(ckpt["seconds"], 1)}  # the training time, as after training
-            atomic_write(os.path.join(out_dir, "metrics.json"), json.dumps(metrics, indent=2))
-            if cfg.figures:
-                draw_figures(model, task, eval_data, out_dir, device, autocast)
+            metrics = evaluation(ckpt["iter"], ckpt["seconds"])  # seconds: the training time, as after training
+            write_results(metrics)
             print(json.dumps(metrics))
         return {"metrics": metrics, "model": model}
 
@@ -416,13 +435,8 @@ def main(argv=None):
         data_gen.set_state(ckpt["rng"]["data"][rank] if rank < len(ckpt["rng"]["data"]) else ckpt["rng"]["data"][0])
         torch.set_rng_state(ckpt["rng"]["torch"])
 
-    raw_model = model  # saved and evaluated; the compiled / DDP-wrapped one trains
     if cfg.compile if cfg.compile is not None else device_type == "cuda":
-        # recurrent models loop over time in Python: compile one step, not the unrolled loop
-        if hasattr(model, "step"):
-            model.step = torch.compile(model.step)
-        else:
-            model = torch.compile(model)
+        model = compile_for_training(model)
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device_type == "cuda" else None)
 
@@ -443,11 +457,13 @@ def main(argv=None):
             torch.distributed.all_gather_object(gathered, rng_data[0])
             rng_data = gathered
         if master:
-            save_checkpoint(ckpt_path, {
+            buffer = io.BytesIO()
+            torch.save({
                 "model_name": model_name, "task_name": task_name, "model": raw_model.state_dict(),
                 "optimizer": optimizer.state_dict(), "model_config": asdict(model_cfg),
                 "task_config": asdict(task_cfg), "train_config": asdict(cfg), "iter": iter_num,
-                "seconds": seconds, "rng": {"data": rng_data, "torch": torch.get_rng_state()}})
+                "seconds": seconds, "rng": {"data": rng_data, "torch": torch.get_rng_state()}}, buffer)
+            atomic_write(ckpt_path, buffer.getvalue())
 
     metrics = {}
     bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=not master, dynamic_ncols=True,
@@ -485,8 +501,7 @@ def main(argv=None):
         bar.update(1)
         if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
             if master:
-                metrics = {**evaluate(raw_model, task, eval_data, device, autocast), "iter": iter_num,
-                           "seconds": round(seconds, 1)}
+                metrics = evaluation(iter_num, seconds)
                 log(metrics)
                 bar.write(" ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
             checkpoint()
@@ -494,11 +509,8 @@ def main(argv=None):
 
     if master:
         if not metrics:  # nothing left to train (e.g. --resume at max_iters): evaluate as is
-            metrics = {**evaluate(raw_model, task, eval_data, device, autocast), "iter": iter_num,
-                       "seconds": round(seconds, 1)}
-        atomic_write(os.path.join(out_dir, "metrics.json"), json.dumps(metrics, indent=2))
-        if cfg.figures:
-            draw_figures(raw_model, task, eval_data, out_dir, device, autocast)
+            metrics = evaluation(iter_num, seconds)
+        write_results(metrics)
         scores = ", ".join(f"{k} {v:.3g}" for k, v in metrics.items() if "@" in k)
         print(f"{model_name} on {task_name}: {scores} after {iter_num} steps in {seconds:.0f} s of training.\n"
               f"Files in {out_dir}: {', '.join(sorted(os.listdir(out_dir)))}")
