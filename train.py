@@ -78,6 +78,7 @@ class TrainConfig:
     batch_size: int = 32  # per process
     lr: float = 1e-3  # Adam
     decay_lr: bool = False  # cosine decay from lr to lr/10 over max_iters
+    warmup_iters: int = 0  # linear warm-up of the learning rate from 0 over this many steps (Transformers)
     grad_clip: float = 10.0  # clip the global gradient norm (0 = off)
     seed: int = 0
     device: str = "auto"  # auto picks cuda, then mps, then cpu
@@ -94,6 +95,8 @@ class TrainConfig:
         for name in ("max_iters", "batch_size", "eval_interval", "log_interval"):
             if getattr(self, name) < (0 if name == "max_iters" else 1):
                 raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
+        if self.warmup_iters < 0:
+            raise ValueError(f"--warmup_iters must be >= 0, got {self.warmup_iters}")
         if not self.lr > 0 or self.grad_clip < 0:
             raise ValueError(f"--lr must be > 0 and --grad_clip >= 0, got {self.lr}, {self.grad_clip}")
 
@@ -495,10 +498,12 @@ def main(argv=None):
     t_last, seqs_since = time.time(), 0
     while iter_num < cfg.max_iters:
         t0 = time.time()
-        if cfg.decay_lr:
+        if cfg.decay_lr or cfg.warmup_iters:
             progress = iter_num / max(cfg.max_iters, 1)
+            scale = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)) if cfg.decay_lr else 1.0
+            scale *= min(1.0, (iter_num + 1) / cfg.warmup_iters) if cfg.warmup_iters else 1.0
             for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+                group["lr"] = cfg.lr * scale
         batch = to_device(task.train_batch(cfg.batch_size, data_gen), device)
         with autocast:
             logits, internals = model(batch["x"], **model_inputs(task, batch))

@@ -101,6 +101,8 @@ def reference_halting(h, eps, M):
 def test_the_model_halts_every_position_as_the_rule_says_and_probs_sum_to_one():
     torch.manual_seed(0)
     model = small(max_steps=6).eval()
+    with torch.no_grad():
+        model.halting_unit.weight.normal_(0, 1.0)  # spread the h's so positions halt at different steps
     values = []
     model.halting_unit.register_forward_hook(lambda m, i, out: values.append(out.squeeze(-1).sigmoid()))
     x = torch.randint(1, 12, (3, 7))
@@ -198,6 +200,7 @@ VARIANTS = {
     "ut_act": dict(),
     "ut_fixed_steps": dict(act=False),
     "ut_sepconv": dict(transition="sepconv"),
+    "ut_post_norm": dict(norm_first=False),  # the paper's Eq. 4-5 layout
     "transformer": dict(universal=False, act=False),
     "facts": dict(sentence_length=4),
 }
