@@ -466,7 +466,7 @@ def extract_tar(archive, dest, strip, keep):
 
 
 # ----------------------------------------------------------------------------------------------
-# bAbI (Weston et al. 2015, arXiv:1502.05698), as the UT paper trains on it (section 3.2)
+# bAbI (Weston et al. 2015, arXiv:1502.05698), as the UT paper trains on it (its bAbI experiments, Table 1)
 
 BABI_URL = "http://www.thespermwhale.com/jaseweston/babi/tasks_1-20_v1-2.tar.gz"
 BABI_SHA256 = "0364ebde659f14d11bc21744516c5ec49d3d06cb692733f66680771244998898"
@@ -622,14 +622,14 @@ class Babi:
 
 
 # ----------------------------------------------------------------------------------------------
-# UT paper, section 3.3: algorithmic tasks on decimal strings
+# UT paper, algorithmic tasks: Copy, Reverse and Addition on decimal strings
 
 @dataclass
 class AlgorithmicConfig:
     min_len: int = 1  # training lengths uniform in min_len..max_len (addition: at least 3)
-    max_len: int = 40  # section 3.3: trained on sequences of length 40
-    eval_lengths: tuple = (40, 400)  # section 3.3: evaluated on length 400
-    random_offset: bool = True  # section 3.3: positions start at a random offset in training
+    max_len: int = 40  # the paper trains on strings of length 40
+    eval_lengths: tuple = (40, 400)  # and evaluates on length 400
+    random_offset: bool = True  # the paper: positions start at a random offset in training
     eval_samples: int = 128  # test sequences per length
 
     def __post_init__(self):

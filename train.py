@@ -62,10 +62,10 @@ PRESETS = {
                               lr=1e-3, eval_interval=500, log_interval=50),
     ("lstm", "addition"): dict(hidden_size=512, num_layers=1, max_iters=10000, batch_size=32, lr=1e-3,
                                eval_interval=1000, log_interval=50),
-    # UT paper section 3.2, scaled to a CPU: one bAbI task of en-10k, a small model, a few minutes
+    # UT paper, bAbI, scaled to a CPU: one bAbI task of en-10k, a small model, a few minutes
     **{(m, "babi"): dict(d_model=64, d_ff=128, num_heads=4, dropout=0.1, max_iters=1500, batch_size=32, lr=1e-3,
                          eval_interval=500, log_interval=50) for m in ("universal_transformer", "transformer")},
-    # section 3.3 on a CPU: a small model (see README for the paper-scale command)
+    # UT paper, algorithmic tasks on a CPU: a small model (see README for the paper-scale command)
     **{(m, t): dict(d_model=64, d_ff=128, num_heads=4, dropout=0.0, max_iters=2000, batch_size=32, lr=1e-3,
                     eval_interval=500, log_interval=50)
        for m in ("universal_transformer", "transformer") for t in ("algo_copy", "algo_reverse", "algo_addition")},

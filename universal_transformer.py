@@ -22,7 +22,7 @@ The idea:
 
 Paper symbol -> variable -> shape  (B batch, S positions, D d_model, K steps run)
     H^0          embedded          (B, S, D)  token embeddings; bAbI facts: words summed under a
-                                              learned positional mask (section 3.2, as MemN2N)
+                                              learned positional mask (bAbI experiments, as MemN2N)
     P^t          position_signal + timestep_signal[t]   (B, S, D) + (D,)
     H^t          state             (B, S, D)
     A^t          after_attention   (B, S, D)
@@ -49,7 +49,7 @@ Choices the papers leave open, and what we do:
   chance on bAbI task 1 for the first ~250 steps with 8 fixed steps at lr 1e-3 (pre-norm: 0.1% error
   after 500 steps).
 - Embeddings are not scaled by sqrt(D); the sinusoids are Vaswani et al.'s, with positions
-  counted from 0 (+ an optional per-sample offset, section 3.3) and timesteps from 1.
+  counted from 0 (+ an optional per-sample offset, as the paper's algorithmic tasks train with) and timesteps from 1.
 - Halting arithmetic is fp32, also under autocast.
 - Only the encoder is here: every task in data.py reads its answer from encoder positions (bAbI:
   the question's position; the algorithmic tasks: one output per input position). The paper's
@@ -71,7 +71,7 @@ class UTConfig:
     vocab_size: int = 32  # set from the task: input token ids 0..vocab_size-1, 0 is padding
     output_size: int = 8  # set from the task: classes predicted at every position
     sentence_length: int = 0  # set from the task: words per fact for bAbI-style (B, S, W) inputs; 0 = tokens (B, S)
-    d_model: int = 128  # D; section 3.2 bAbI: 128 (tiny) in tensor2tensor's bAbI settings
+    d_model: int = 128  # D (the CPU presets in train.py use 64)
     num_heads: int = 4
     d_ff: int = 128  # width of the transition function
     transition: str = "ffn"  # 'ffn' (position-wise, 2 layers, ReLU) or 'sepconv' (separable convolutions)
@@ -106,7 +106,7 @@ class TransformerConfig(UTConfig):
     """The baseline: max_steps distinct layers, no recurrence, no halting (--model transformer)."""
     universal: bool = False
     act: bool = False
-    max_steps: int = 6  # layers; section 3.2 compares against a Transformer of the same width
+    max_steps: int = 6  # layers; the paper's bAbI baseline is a Transformer of the same width
 
 
 def sinusoid(positions, dim):
@@ -200,7 +200,7 @@ class UniversalTransformer(nn.Module):
         super().__init__()
         self.config = c = config
         self.embedding = nn.Embedding(c.vocab_size, c.d_model, padding_idx=0)
-        if c.sentence_length:  # section 3.2: a fact is the sum of its word embeddings under a learned positional mask
+        if c.sentence_length:  # bAbI: a fact is the sum of its word embeddings under a learned positional mask
             self.word_position_mask = nn.Parameter(torch.ones(c.sentence_length, c.d_model))
         self.blocks = nn.ModuleList([Block(c) for _ in range(1 if c.universal else c.max_steps)])
         self.final_norm = nn.LayerNorm(c.d_model) if c.norm_first else nn.Identity()  # pre-norm ends with one
@@ -236,7 +236,7 @@ class UniversalTransformer(nn.Module):
         B, S = x.shape[:2]
         real = torch.ones(B, S, dtype=torch.bool, device=x.device) if padding_mask is None else padding_mask.bool()
         positions = torch.arange(S, device=x.device).expand(B, S)
-        if position_offset is not None:  # section 3.3: random offsets so long positions are seen in training
+        if position_offset is not None:  # algorithmic tasks: random offsets so long positions are seen in training
             positions = positions + position_offset.view(B, 1)
         position_signal = sinusoid(positions, c.d_model)  # (B, S, D)
         state = self.embed(x)

@@ -162,7 +162,7 @@ def test_the_paper_command_trains_and_reports_per_task_error_mean_and_failed(tmp
 
 
 # ----------------------------------------------------------------------------------------------
-# Algorithmic tasks (UT paper section 3.3)
+# Algorithmic tasks (UT paper: Copy, Reverse, Addition)
 
 def gen(seed=0):
     return torch.Generator().manual_seed(seed)
