@@ -2,18 +2,21 @@
 Universal Transformer with dynamic halting, and the vanilla Transformer baseline, in one file.
 
 Paper: Mostafa Dehghani, Stephan Gouws, Oriol Vinyals, Jakob Uszkoreit, Lukasz Kaiser,
-"Universal Transformers", ICLR 2019, arXiv:1807.03819 (equation numbers below are those of v3).
+"Universal Transformers", ICLR 2019, arXiv:1807.03819 (cited by section, its formulas written out).
 Halting: Alex Graves, "Adaptive Computation Time for Recurrent Neural Networks", 2016,
-arXiv:1603.08983 (equation numbers of v6).
+arXiv:1603.08983 (every "Eq." below is Graves', numbered as in v6).
 
 The idea:
 - A Transformer encoder applies L different blocks once each. A Universal Transformer applies ONE
   block (self-attention, then a position-wise transition function, each with a residual connection
-  and LayerNorm) T times: a recurrence over depth, in parallel over positions (section 2.1, Eq. 4-5).
+  and LayerNorm) T times: a recurrence over depth, in parallel over positions (section 2.1):
+      A^t = LayerNorm((H^{t-1} + P^t) + MultiHeadSelfAttention(H^{t-1} + P^t))
+      H^t = LayerNorm(A^t + Transition(A^t))
 - Before every step the sum of a position signal and a timestep signal is added to the state, so
-  the shared block knows both where and when it is (the coordinate embedding P^t, Eq. 6).
+  the shared block knows both where and when it is (section 2.1's coordinate embedding):
+      P^t_{i,2j} = sin(i / 10000^{2j/d}) + sin(t / 10000^{2j/d}), and cos for dimension 2j + 1
 - Dynamic halting (section 2.2): every position has its own ACT halting unit. After each step the
-  position emits h (Graves Eq. 5); it stops once its h's reach 1 - eps (Eq. 7), the last step
+  position emits h (Eq. 5); it stops once its h's reach 1 - eps (Eq. 7), the last step
   gets the remainder R (Eq. 6, 8), its output is the p-weighted sum of its states (Eq. 9), and
   the ponder cost rho = N + R (Eq. 10) joins the loss (Eq. 11-12). A halted position's state stops
   changing, but the positions still running keep attending to it.
@@ -45,7 +48,7 @@ Choices the papers leave open, and what we do:
 - Padded positions (padding_mask False) are never attended to, never halt-counted and cost nothing.
 - Layout: norm_first=True (the default) puts LayerNorm before each sublayer, H = A + Transition(LN(A)),
   A = x + Attention(LN(x)), with one LayerNorm before the output layer, as tensor2tensor's code does.
-  norm_first=False is the paper's Eq. 4-5 (LayerNorm after each residual sum); in our runs it sat at
+  norm_first=False is the paper's section 2.1 layout (LayerNorm after each residual sum); in our runs it sat at
   chance on bAbI task 1 for the first ~250 steps with 8 fixed steps at lr 1e-3 (pre-norm: 0.1% error
   after 500 steps).
 - Embeddings are not scaled by sqrt(D); the sinusoids are Vaswani et al.'s, with positions
@@ -77,7 +80,7 @@ class UTConfig:
     transition: str = "ffn"  # 'ffn' (position-wise, 2 layers, ReLU) or 'sepconv' (separable convolutions)
     kernel_size: int = 3  # of the separable convolutions
     dropout: float = 0.1
-    norm_first: bool = True  # True: LayerNorm before each sublayer, as tensor2tensor; False: after (Eq. 4-5)
+    norm_first: bool = True  # True: LayerNorm before each sublayer, as tensor2tensor; False: after, as the paper's section 2.1
     universal: bool = True  # True: one shared block; False: max_steps distinct layers (the Transformer)
     act: bool = True  # dynamic halting per position (section 2.2); False: exactly max_steps steps
     max_steps: int = 8  # T without ACT, the cap M with ACT, the number of layers when universal=False
@@ -110,7 +113,7 @@ class TransformerConfig(UTConfig):
 
 
 def sinusoid(positions, dim):
-    """Vaswani et al.'s signal, the two halves of UT Eq. 6: sin on even, cos on odd dimensions.
+    """Vaswani et al.'s signal, the two halves of section 2.1's P^t: sin on even, cos on odd dimensions.
     positions (...) float -> (..., dim)."""
     j = torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32)  # 2j
     angles = positions.float().unsqueeze(-1) / (10000 ** (j / dim))  # i / 10000^(2j/d)
@@ -120,7 +123,7 @@ def sinusoid(positions, dim):
 
 
 class SelfAttention(nn.Module):
-    """UT Eq. 1-3: multi-head scaled dot-product self-attention with a key padding mask."""
+    """Section 2.1 (after Vaswani et al.): multi-head scaled dot-product self-attention, with a key padding mask."""
 
     def __init__(self, c):
         super().__init__()
@@ -132,11 +135,11 @@ class SelfAttention(nn.Module):
     def forward(self, x, key_mask):
         B, S, D = x.shape
         q, k, v = self.qkv(x).view(B, S, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, nh, S, hs)
-        scores = q @ k.transpose(-1, -2) / math.sqrt(D // self.num_heads)  # Eq. 1: Q K^T / sqrt(d/k)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(D // self.num_heads)  # softmax(Q K^T / sqrt(d/k)) V
         scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))  # padding is never attended to
         weights = scores.softmax(-1)  # (B, nh, S, S)
-        heads = self.dropout(weights) @ v  # Eq. 3: head_i
-        return self.out(heads.transpose(1, 2).reshape(B, S, D)), weights  # Eq. 2: Concat(heads) W^O
+        heads = self.dropout(weights) @ v  # head_i
+        return self.out(heads.transpose(1, 2).reshape(B, S, D)), weights  # Concat(head_1..head_k) W^O
 
 
 class SeparableConvTransition(nn.Module):
@@ -161,7 +164,7 @@ class SeparableConvTransition(nn.Module):
 
 
 class Block(nn.Module):
-    """One step of Eq. 4-5: A = LayerNorm(x + MultiHeadSelfAttention(x)), H = LayerNorm(A + Transition(A)),
+    """One step of section 2.1: A = LayerNorm(x + MultiHeadSelfAttention(x)), H = LayerNorm(A + Transition(A)),
     with x = H^{t-1} + P^t, dropout on both residual branches; or, with norm_first, the same sums with
     LayerNorm moved onto each sublayer's input."""
 
@@ -188,8 +191,8 @@ class Block(nn.Module):
             after_attention = x + self.dropout(attended)
             return after_attention + self.dropout(self.transform(self.norm2(after_attention), real)), weights
         attended, weights = self.attention(x, real)
-        after_attention = self.norm1(x + self.dropout(attended))  # Eq. 5: A^t
-        return self.norm2(after_attention + self.dropout(self.transform(after_attention, real))), weights  # Eq. 4: H^t
+        after_attention = self.norm1(x + self.dropout(attended))  # A^t
+        return self.norm2(after_attention + self.dropout(self.transform(after_attention, real))), weights  # H^t
 
 
 class UniversalTransformer(nn.Module):
@@ -249,7 +252,7 @@ class UniversalTransformer(nn.Module):
             running = real.clone()
         halting_probs, first_attention = [], []
         for n in range(1, c.max_steps + 1):
-            if c.universal:  # Eq. 5-6: H^{n-1} + P^n, the position and the timestep signal at every step
+            if c.universal:  # section 2.1: H^{n-1} + P^n, the position and the timestep signal at every step
                 timestep = torch.tensor(float(n), device=x.device)
                 block_input = state + position_signal + sinusoid(timestep, c.d_model)
                 block = self.blocks[0]

@@ -163,7 +163,7 @@ def test_sinusoid_by_hand():
 
 
 def test_every_step_adds_the_position_and_its_own_timestep_signal():
-    """UT Eq. 5-6: the block's input at step t is H^{t-1} + P_pos + P_time(t)."""
+    """UT section 2.1: the block's input at step t is H^{t-1} + P_pos + P_time(t)."""
     torch.manual_seed(0)
     model = small(act=False, max_steps=3).eval()
     inputs, outputs = [], []
@@ -200,7 +200,7 @@ VARIANTS = {
     "ut_act": dict(),
     "ut_fixed_steps": dict(act=False),
     "ut_sepconv": dict(transition="sepconv"),
-    "ut_post_norm": dict(norm_first=False),  # the paper's Eq. 4-5 layout
+    "ut_post_norm": dict(norm_first=False),  # the paper's section 2.1 layout
     "transformer": dict(universal=False, act=False),
     "facts": dict(sentence_length=4),
 }
