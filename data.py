@@ -536,7 +536,10 @@ class Babi:
         root = data_dir or os.path.join(DEFAULT_CACHE, "babi")
         folder = os.path.join(root, config.split)
         if not os.path.isdir(folder):  # first use: fetch the official tarball into root
-            archive = download(BABI_URL, BABI_SHA256, os.path.join(root, "tasks_1-20_v1-2.tar.gz"))
+            try:
+                archive = download(BABI_URL, BABI_SHA256, os.path.join(root, "tasks_1-20_v1-2.tar.gz"))
+            except DataError as e:
+                raise DataError(f"no {config.split}/ folder in {root} (--data_dir) and no bAbI there to unpack: {e}")
             extract_tar(archive, root, "tasks_1-20_v1-2/", ("en/", "en-10k/"))
         files = {(t, part): os.path.join(folder, f"qa{t}_{BABI_NAMES[t]}_{part}.txt")
                  for t in config.tasks for part in ("train", "test")}

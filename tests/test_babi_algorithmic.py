@@ -138,6 +138,13 @@ def test_first_use_downloads_verifies_and_unpacks_the_tarball(tmp_path, monkeypa
         download(tarball.as_uri(), "0" * 64, str(root / "tasks_1-20_v1-2.tar.gz"))
 
 
+def test_a_failed_download_says_which_folder_was_missing_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "BABI_URL", (tmp_path / "nowhere.tar.gz").as_uri())
+    with pytest.raises(DataError, match=r"no en-10k/ folder in .*cache \(--data_dir\) .*could not download"):
+        Babi(BabiConfig(), data_dir=str(tmp_path / "cache"))
+    assert os.listdir(tmp_path / "cache") == []
+
+
 def test_an_archive_with_unsafe_paths_is_refused(tmp_path, monkeypatch):
     tarball, digest = make_tarball(tmp_path, {"tasks_1-20_v1-2/en/../../escape.txt": "x"})
     monkeypatch.setattr(data, "BABI_URL", tarball.as_uri())
