@@ -18,7 +18,7 @@ import time
 import torch
 
 from data import TASKS
-from train import MODELS, autocast_for, autodetect_device, compile_for_training, model_config_for
+from train import MODELS, autocast_for, autodetect_device, compile_for_training, model_config_for, model_inputs
 
 
 def time_training(model_name, task_name, batch_size, device, compile_model, warmup, runs, steps):
@@ -34,7 +34,7 @@ def time_training(model_name, task_name, batch_size, device, compile_model, warm
 
     def train_step():
         with autocast:
-            logits, _ = model(batch["x"])
+            logits, _ = model(batch["x"], **model_inputs(task, batch))
         loss = task.loss(logits, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -81,15 +81,15 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     device = autodetect_device(args.device)
-    print(f"{'model':<8} {'task':<20} {'batch':>5} {'ms/step':>9} {'ms/seq':>8} {'seq/s':>8}")
+    print(f"{'model':<22} {'task':<20} {'batch':>5} {'ms/step':>9} {'ms/seq':>8} {'seq/s':>8}")
     for task_name in tasks:
         for model_name in models:
-            if TASKS[task_name][1].kind not in MODELS[model_name][2]:
+            if TASKS[task_name][1].kind not in MODELS[model_name][2]:  # e.g. ntm on algo_copy
                 continue
             for batch_size in map(int, args.batch_sizes.split(",")):
                 row = time_training(model_name, task_name, batch_size, device, args.compile,
                                     args.warmup, args.runs, args.steps)
-                print(f"{model_name:<8} {task_name:<20} {batch_size:>5} {row['ms_per_step']:>9.2f} "
+                print(f"{model_name:<22} {task_name:<20} {batch_size:>5} {row['ms_per_step']:>9.2f} "
                       f"{row['ms_per_seq']:>8.3f} {row['seq_per_s']:>8.1f}", flush=True)
                 if args.json:
                     with open(args.json, "a") as f:

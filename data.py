@@ -12,12 +12,27 @@ The tasks. Each one knows its problem and nothing about models:
 A batch is a dict of tensors. Sequence tasks give x (B, T, in), targets y (B, T, ...) and
 mask (B, T), 1 where the model is scored. Everything is generated on the fly from a torch.Generator, so
 the same seed gives the same data. Add a task: write its class here and add it to TASKS.
+Optional hooks: `model_inputs`, the batch keys the model takes as keyword tensors beside x (e.g. a
+padding mask); `eval_data(chunk, generator)`, the fixed evaluation batches (a dataset's test file);
+`summary(results)`, metrics over all settings (e.g. bAbI's mean error).
+
+Real datasets (bAbI) are downloaded from their canonical URL on first use, checksum-verified, and
+read offline after that; a missing or corrupt file raises DataError (train.py prints one line).
 """
 
+import hashlib
+import os
+import shutil
+import tarfile
+import urllib.request
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+
+class DataError(Exception):
+    """A dataset file that is missing, corrupt or cannot be fetched; the message names the fix."""
 
 
 class SequenceTask:
@@ -36,6 +51,12 @@ class SequenceTask:
 
     def eval_batch(self, setting, batch_size, generator):
         return self.make_batch(batch_size, generator, **self.eval_settings[setting])
+
+    def eval_data(self, chunk, generator):
+        """The fixed test set: {setting: [batches of at most chunk samples]}, eval_samples per setting."""
+        n = self.config.eval_samples
+        return {s: [self.eval_batch(s, min(chunk, n - i), generator) for i in range(0, n, chunk)]
+                for s in self.eval_settings}
 
     def loss(self, logits, batch):
         """Binary cross-entropy on the scored positions, mean per scored bit."""
@@ -381,6 +402,340 @@ class Addition(SequenceTask):
 
 
 # ----------------------------------------------------------------------------------------------
+# Datasets on disk: fetched once, verified, then read offline.
+
+def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download(url, sha256, path):
+    """Fetch url to path unless it is already there; raise DataError unless its sha256 matches.
+    Written whole or not at all: a failed or corrupt download leaves nothing at path."""
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.part"
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+                shutil.copyfileobj(response, f)
+        except OSError as e:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise DataError(f"could not download {url} ({e}): fetch it by hand, unpack it and pass --data_dir")
+        found = sha256_of(tmp)
+        if found != sha256:
+            os.remove(tmp)
+            raise DataError(f"{url} has sha256 {found}, expected {sha256}: the download is corrupt or changed; "
+                            "try again, or pass --data_dir to a verified unpacked copy")
+        os.replace(tmp, path)
+    elif sha256_of(path) != sha256:
+        raise DataError(f"{path} does not have sha256 {sha256}: delete it to download it again")
+    return path
+
+
+def extract_tar(archive, dest, strip, keep):
+    """Unpack the regular files of archive whose names, less the prefix strip, start with one of keep,
+    into dest. Names are checked (no absolute paths, no '..', no links), so nothing lands outside
+    dest; the folders of keep appear whole or not at all."""
+    staging = f"{dest}.unpacking"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        with tarfile.open(archive) as tar:
+            for member in tar.getmembers():
+                name = member.name[len(strip):] if member.name.startswith(strip) else None
+                if not name or not member.isfile() or not name.startswith(keep):
+                    continue
+                parts = name.split("/")
+                if os.path.isabs(name) or ".." in parts:
+                    raise DataError(f"{archive} holds an unsafe path {member.name!r}: delete it")
+                target = os.path.join(staging, *parts)
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                with tar.extractfile(member) as src, open(target, "wb") as out:
+                    shutil.copyfileobj(src, out)
+    except tarfile.TarError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise DataError(f"{archive} is not a readable tar archive ({e}): delete it to download it again")
+    os.makedirs(dest, exist_ok=True)
+    for folder in sorted(os.listdir(staging)) if os.path.isdir(staging) else []:
+        if not os.path.exists(os.path.join(dest, folder)):
+            os.replace(os.path.join(staging, folder), os.path.join(dest, folder))
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# bAbI (Weston et al. 2015, arXiv:1502.05698), as the UT paper trains on it (its bAbI experiments, Table 1)
+
+BABI_URL = "http://www.thespermwhale.com/jaseweston/babi/tasks_1-20_v1-2.tar.gz"
+BABI_SHA256 = "0364ebde659f14d11bc21744516c5ec49d3d06cb692733f66680771244998898"
+BABI_NAMES = {1: "single-supporting-fact", 2: "two-supporting-facts", 3: "three-supporting-facts",
+              4: "two-arg-relations", 5: "three-arg-relations", 6: "yes-no-questions", 7: "counting",
+              8: "lists-sets", 9: "simple-negation", 10: "indefinite-knowledge", 11: "basic-coreference",
+              12: "conjunction", 13: "compound-coreference", 14: "time-reasoning", 15: "basic-deduction",
+              16: "basic-induction", 17: "positional-reasoning", 18: "size-reasoning", 19: "path-finding",
+              20: "agents-motivations"}
+DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "nanosystem2")
+
+
+def babi_words(text):
+    """'Mary moved to the bathroom.' -> ['mary', 'moved', 'to', 'the', 'bathroom']"""
+    return text.lower().replace(".", " ").replace("?", " ").split()
+
+
+def parse_babi(path):
+    """One bAbI file -> a list of questions, each a dict: facts (the story's statements before the
+    question, each a list of words; earlier questions are left out), question (words), answer (the
+    answer string: 'n,w' for path finding is one class), supporting (indices into facts)."""
+    samples, facts, fact_index = [], [], {}
+    with open(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            number, text = line.strip().split(" ", 1)
+            if number == "1":  # line numbers restart with every story
+                facts, fact_index = [], {}
+            if "\t" in text:
+                question, answer, support = text.split("\t")
+                samples.append({"facts": list(facts), "question": babi_words(question), "answer": answer.strip(),
+                                "supporting": [fact_index[int(s)] for s in support.split()]})
+            else:
+                fact_index[int(number)] = len(facts)
+                facts.append(babi_words(text))
+    return samples
+
+
+@dataclass
+class BabiConfig:
+    tasks: tuple = (1,)  # bAbI task numbers 1-20; one task = single-task training, several = joint
+    split: str = "en-10k"  # 'en-10k' (10K training questions per task) or 'en' (1K)
+    max_facts: int = 70  # keep the last max_facts statements of a story (MemN2N keeps 50)
+
+    def __post_init__(self):
+        if not self.tasks or any(t not in BABI_NAMES for t in self.tasks):
+            raise ValueError(f"tasks must be bAbI task numbers 1-20, got {self.tasks}")
+        if self.split not in ("en", "en-10k"):
+            raise ValueError(f"split must be 'en' or 'en-10k', got {self.split!r}")
+        _check_positive(self, "max_facts")
+
+
+class Babi:
+    """Each question becomes one sample: x (S, W) word ids, row 0 the question, rows 1.. the story's
+    facts in order, W words per row; padding_mask (S,) marks the real rows; y the answer class, read
+    from the model's output at row 0. Word ids and answer classes come from the training files only
+    (0 is padding, 1 an unknown word; a test answer never seen in training is always wrong).
+    Metrics per task: err, the % of wrong answers on its test file, and ponder, the mean ponder cost
+    per position for models that halt; summary: mean_err and failed (tasks with err > 5)."""
+
+    kind = "story"
+    model_inputs = ("padding_mask",)
+
+    def __init__(self, config, data_dir=None):
+        self.config = config
+        root = data_dir or os.path.join(DEFAULT_CACHE, "babi")
+        folder = os.path.join(root, config.split)
+        if not os.path.isdir(folder):  # first use: fetch the official tarball into root
+            try:
+                archive = download(BABI_URL, BABI_SHA256, os.path.join(root, "tasks_1-20_v1-2.tar.gz"))
+            except DataError as e:
+                raise DataError(f"no {config.split}/ folder in {root} (--data_dir) and no bAbI there to unpack: {e}")
+            extract_tar(archive, root, "tasks_1-20_v1-2/", ("en/", "en-10k/"))
+        files = {(t, part): os.path.join(folder, f"qa{t}_{BABI_NAMES[t]}_{part}.txt")
+                 for t in config.tasks for part in ("train", "test")}
+        for path in files.values():
+            if not os.path.isfile(path):
+                raise DataError(f"missing {path}: --data_dir must hold en/ and en-10k/ as the bAbI v1.2 tarball's "
+                                "tasks_1-20_v1-2/ folder does (or leave --data_dir out to download it)")
+        train = {t: parse_babi(files[t, "train"]) for t in config.tasks}
+        test = {t: parse_babi(files[t, "test"]) for t in config.tasks}
+        words = sorted({w for t in train for s in train[t] for w in s["question"] + sum(s["facts"], [])})
+        self.vocab = {w: i + 2 for i, w in enumerate(words)}  # 0 padding, 1 unknown
+        self.answers = {a: i for i, a in enumerate(sorted({s["answer"] for t in train for s in train[t]}))}
+        self.sentence_length = max(len(row) for t in train for s in train[t] for row in [s["question"]] + s["facts"])
+        self.spec = {"kind": self.kind, "vocab_size": len(self.vocab) + 2, "output_size": len(self.answers),
+                     "sentence_length": self.sentence_length}
+        self.train_data = self.encode([s for t in config.tasks for s in train[t]])
+        self.test_data = {f"qa{t}": self.encode(test[t]) for t in config.tasks}
+        self.eval_settings = {name: {} for name in self.test_data}
+        self.bench_setting = next(iter(self.eval_settings))
+
+    def encode(self, samples):
+        """-> x (N, 1 + max_facts, W) int32 word ids, lengths (N,) real rows, y (N,) answer classes."""
+        S, W = 1 + self.config.max_facts, self.sentence_length
+        ids, lengths, y = [], [], []
+        for sample in samples:
+            rows = [sample["question"]] + sample["facts"][-self.config.max_facts:]
+            rows = [[self.vocab.get(w, 1) for w in row[:W]] for row in rows]
+            ids.append([row + [0] * (W - len(row)) for row in rows] + [[0] * W] * (S - len(rows)))
+            lengths.append(len(rows))
+            y.append(self.answers.get(sample["answer"], -100))  # -100: unseen in training, never right
+        return {"x": torch.tensor(ids, dtype=torch.int32).view(len(samples), S, W),
+                "lengths": torch.tensor(lengths), "y": torch.tensor(y)}
+
+    @staticmethod
+    def batch_of(data, index):
+        lengths = data["lengths"][index]
+        S = int(lengths.max())  # pad to the longest story in this batch only
+        return {"x": data["x"][index, :S].long(), "y": data["y"][index],
+                "padding_mask": torch.arange(S) < lengths.unsqueeze(1)}
+
+    def train_batch(self, batch_size, generator):
+        index = torch.randint(0, len(self.train_data["y"]), (batch_size,), generator=generator)
+        return self.batch_of(self.train_data, index)
+
+    def eval_batch(self, setting, batch_size, generator):
+        """The first batch_size questions of the task's test file."""
+        return self.batch_of(self.test_data[setting], torch.arange(min(batch_size, len(self.test_data[setting]["y"]))))
+
+    def eval_data(self, chunk, generator):
+        """Every question of each task's test file, in order."""
+        return {name: [self.batch_of(data, torch.arange(i, min(i + chunk, len(data["y"]))))
+                       for i in range(0, len(data["y"]), chunk)] for name, data in self.test_data.items()}
+
+    def loss(self, logits, batch):
+        """Cross-entropy of the answer, read at row 0 (the question)."""
+        return F.cross_entropy(logits[:, 0].float(), batch["y"], ignore_index=-100)
+
+    def metrics(self, logits, batch, internals):
+        wrong = (logits[:, 0].argmax(-1) != batch["y"]).float().sum().item()
+        result = {"err": 100.0 * wrong, "count": len(batch["y"])}
+        if "ponder_cost" in internals:  # the mean over a story's real rows, summed over the batch
+            real = batch["padding_mask"].float()
+            result["ponder"] = ((internals["ponder_cost"] * real).sum(1) / real.sum(1)).sum().item()
+        return result
+
+    def summary(self, results):
+        """UT paper Table 1: the mean error over the tasks and the number of failed tasks (> 5 %)."""
+        errors = [results[f"err@{name}"] for name in self.test_data]
+        return {"mean_err": sum(errors) / len(errors), "failed": sum(e > 5 for e in errors)}
+
+    def figure_panels(self, logits, batch, internals, index=0):
+        """UT paper Fig. 3: ponder time per row (question first, then the facts); and the attention of
+        the question over the rows at each step, averaged over heads (one row per step)."""
+        S = int(batch["padding_mask"][index].sum())
+        panels = []
+        if "ponder_cost" in internals:
+            ponder = internals["ponder_cost"][index, :S].float().unsqueeze(0)
+            panels.append((f"ponder per row (max {ponder.max():.1f})", ponder / ponder.max()))
+        if "first_position_attention" in internals:
+            attention = internals["first_position_attention"][index, :, :, :S].float().mean(1)  # (K, S)
+            panels.append(("question attention per step", attention / attention.max(-1, keepdim=True).values))
+        return panels
+
+
+# ----------------------------------------------------------------------------------------------
+# UT paper, algorithmic tasks: Copy, Reverse and Addition on decimal strings
+
+@dataclass
+class AlgorithmicConfig:
+    min_len: int = 1  # training lengths uniform in min_len..max_len (addition: at least 3)
+    max_len: int = 40  # the paper trains on strings of length 40
+    eval_lengths: tuple = (40, 400)  # and evaluates on length 400
+    random_offset: bool = True  # the paper: positions start at a random offset in training
+    eval_samples: int = 128  # test sequences per length
+
+    def __post_init__(self):
+        if not 1 <= self.min_len <= self.max_len:
+            raise ValueError(f"need 1 <= min_len <= max_len, got {self.min_len}, {self.max_len}")
+        if not self.eval_lengths or min(self.eval_lengths) < 1:
+            raise ValueError(f"eval_lengths must be positive, got {self.eval_lengths}")
+        _check_positive(self, "eval_samples")
+
+
+class Algorithmic(SequenceTask):
+    """Input: a string of decimal digits as token ids 1-10 (digit + 1; 11 is '+', 0 padding); target:
+    one digit class per position, scored where mask is 1. Training positions start at an offset
+    uniform in 0..max(eval_lengths) - length (position_offset), so the positions of the long test
+    strings have been seen. Metrics: char_acc, the fraction of scored digits right, averaged over
+    sequences; seq_acc, the fraction of sequences with every scored digit right."""
+
+    kind = "tokens"
+    model_inputs = ("position_offset",)
+    min_length = 1
+
+    def __init__(self, config, data_dir=None):
+        super().__init__(config)
+        if config.min_len < self.min_length:
+            raise ValueError(f"{type(self).__name__.lower()} needs min_len >= {self.min_length}")
+        self.spec = {"kind": self.kind, "vocab_size": 12, "output_size": 10}
+        self.eval_settings = {str(n): {"length": n, "offset": False} for n in config.eval_lengths}
+        self.bench_setting = str(config.max_len) if config.max_len in config.eval_lengths else next(iter(self.eval_settings))
+
+    def sample_train_setting(self, generator):
+        return {"length": _randint(self.config.min_len, self.config.max_len, generator), "offset": self.config.random_offset}
+
+    def make_batch(self, batch_size, generator, length, offset):
+        digits = torch.randint(0, 10, (batch_size, length), generator=generator)
+        x, y, mask = self.encode(digits, generator)
+        top = max(max(self.config.eval_lengths) - length, 0)
+        position_offset = torch.randint(0, top + 1, (batch_size,), generator=generator) if offset else torch.zeros(batch_size, dtype=torch.long)
+        return {"x": x, "y": y, "mask": mask, "position_offset": position_offset}
+
+    def loss(self, logits, batch):
+        ce = F.cross_entropy(logits.float().flatten(0, 1), batch["y"].flatten(), reduction="none").view_as(batch["mask"])
+        return (ce * batch["mask"]).sum() / batch["mask"].sum()
+
+    def metrics(self, logits, batch, internals):
+        right = (logits.argmax(-1) == batch["y"]).float() * batch["mask"]
+        per_seq = right.sum(1) / batch["mask"].sum(1)
+        result = {"char_acc": per_seq.sum().item(), "seq_acc": (per_seq == 1).float().sum().item(), "count": len(per_seq)}
+        if "ponder_cost" in internals:
+            result["ponder"] = internals["ponder_cost"].float().mean(1).sum().item()
+        return result
+
+    def figure_panels(self, logits, batch, internals, index=0):
+        """Target and predicted digits over the positions (scored ones), and ponder per position."""
+        keep = batch["mask"][index] > 0
+        panels = [("target", batch["y"][index][keep].unsqueeze(0) / 9),
+                  ("output", logits[index].argmax(-1)[keep].unsqueeze(0) / 9)]
+        if "ponder_cost" in internals:
+            ponder = internals["ponder_cost"][index].float().unsqueeze(0)
+            panels.append((f"ponder per position (max {ponder.max():.1f})", ponder / ponder.max()))
+        return panels
+
+
+class AlgoCopy(Algorithmic):
+    """Copy: the output at each position is the input digit there."""
+
+    def encode(self, digits, generator):
+        return digits + 1, digits, torch.ones(digits.shape)
+
+
+class AlgoReverse(Algorithmic):
+    """Reverse: the output at position i is the input digit at position L - 1 - i."""
+
+    def encode(self, digits, generator):
+        return digits + 1, digits.flip(1), torch.ones(digits.shape)
+
+
+class AlgoAddition(Algorithmic):
+    """Addition: the input is 'a+b' (a and b digit strings, most significant digit first, leading zeros
+    allowed, la + 1 + lb = L, la uniform in 1..L-2); the target is a + b written with max(la, lb) + 1
+    digits (a leading zero where there is no carry), right-aligned to the end of the input, where
+    mask is 1 (the positions before are not scored)."""
+
+    min_length = 3
+
+    def encode(self, digits, generator):
+        B, L = digits.shape
+        left = torch.randint(1, L - 1, (B, 1), generator=generator)  # la: '+' sits at position la
+        position = torch.arange(L).expand(B, L)
+        x = torch.where(position == left, 11, digits + 1)
+        column = torch.arange(L)  # k: the 10^k place, counted from the right
+        right = L - 1 - left  # lb
+        a = torch.where(column < left, digits.gather(1, (left - 1 - column).clamp(min=0)), 0)  # a's 10^k digit
+        b = torch.where(column < right, digits.flip(1), 0)  # b's 10^k digit
+        total, carry = torch.zeros(B, L, dtype=torch.long), torch.zeros(B, dtype=torch.long)
+        for k in range(L):  # schoolbook addition, one place at a time, for the whole batch
+            place = a[:, k] + b[:, k] + carry
+            total[:, k], carry = place % 10, place // 10
+        y = total.flip(1)  # right-aligned: place 10^k at position L - 1 - k
+        mask = (column.flip(0) < torch.maximum(left, right) + 1).float()
+        return x, y, mask
+
+
+# ----------------------------------------------------------------------------------------------
 
 TASKS = {  # name -> (config class, task class)
     "copy": (CopyConfig, Copy),
@@ -388,4 +743,8 @@ TASKS = {  # name -> (config class, task class)
     "associative_recall": (AssociativeRecallConfig, AssociativeRecall),
     "parity": (ParityConfig, Parity),
     "addition": (AdditionConfig, Addition),
+    "babi": (BabiConfig, Babi),
+    "algo_copy": (AlgorithmicConfig, AlgoCopy),
+    "algo_reverse": (AlgorithmicConfig, AlgoReverse),
+    "algo_addition": (AlgorithmicConfig, AlgoAddition),
 }

@@ -6,6 +6,7 @@ Train any model here on any task it fits, evaluate it where the paper does, draw
     python train.py --model ntm --task copy -h         # every flag of the model, task and training
     python train.py --model ntm --task copy --resume   # continue from out/ntm_copy/ckpt.pt
     python train.py --model ntm --task copy --eval_only
+    python train.py --model universal_transformer --task babi --data_dir DIR   # bAbI task 1, 10K
     torchrun --standalone --nproc_per_node 2 train.py --model ntm --task copy   # data parallel
 
 Writes to --out_dir (default out/<model>_<task>): ckpt.pt, log.jsonl (training loss every
@@ -31,17 +32,23 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from tqdm import tqdm
 
-from data import TASKS
+from data import TASKS, DataError
 from act import ACT, ACTConfig
 from lstm import LSTM, LSTMConfig
 from ntm import NTM, NTMConfig
+from universal_transformer import TransformerConfig, UniversalTransformer, UTConfig
 
 # name -> (config class, model class, task kinds it fits). Adding a model is one row here.
 MODELS = {
     "ntm": (NTMConfig, NTM, ("sequence",)),
     "lstm": (LSTMConfig, LSTM, ("sequence",)),
     "act": (ACTConfig, ACT, ("sequence",)),
+    "universal_transformer": (UTConfig, UniversalTransformer, ("story", "tokens")),
+    "transformer": (TransformerConfig, UniversalTransformer, ("story", "tokens")),  # universal=False
 }
+
+# model fields that train.py sets from the task's spec, not from flags
+SIZED_BY_TASK = ("input_size", "output_size", "vocab_size", "sentence_length")
 
 # The settings (training, model or task fields) that reproduce each result; flags override them.
 PRESETS = {
@@ -55,6 +62,13 @@ PRESETS = {
                               lr=1e-3, eval_interval=500, log_interval=50),
     ("lstm", "addition"): dict(hidden_size=512, num_layers=1, max_iters=10000, batch_size=32, lr=1e-3,
                                eval_interval=1000, log_interval=50),
+    # UT paper, bAbI, scaled to a CPU: one bAbI task of en-10k, a small model, a few minutes
+    **{(m, "babi"): dict(d_model=64, d_ff=128, num_heads=4, dropout=0.1, max_iters=1500, batch_size=32, lr=1e-3,
+                         eval_interval=500, log_interval=50) for m in ("universal_transformer", "transformer")},
+    # UT paper, algorithmic tasks on a CPU: a small model (see README for the paper-scale command)
+    **{(m, t): dict(d_model=64, d_ff=128, num_heads=4, dropout=0.0, max_iters=2000, batch_size=32, lr=1e-3,
+                    eval_interval=500, log_interval=50)
+       for m in ("universal_transformer", "transformer") for t in ("algo_copy", "algo_reverse", "algo_addition")},
 }
 
 
@@ -64,6 +78,7 @@ class TrainConfig:
     batch_size: int = 32  # per process
     lr: float = 1e-3  # Adam
     decay_lr: bool = False  # cosine decay from lr to lr/10 over max_iters
+    warmup_iters: int = 0  # linear warm-up of the learning rate from 0 over this many steps (Transformers)
     grad_clip: float = 10.0  # clip the global gradient norm (0 = off)
     seed: int = 0
     device: str = "auto"  # auto picks cuda, then mps, then cpu
@@ -80,6 +95,8 @@ class TrainConfig:
         for name in ("max_iters", "batch_size", "eval_interval", "log_interval"):
             if getattr(self, name) < (0 if name == "max_iters" else 1):
                 raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
+        if self.warmup_iters < 0:
+            raise ValueError(f"--warmup_iters must be >= 0, got {self.warmup_iters}")
         if not self.lr > 0 or self.grad_clip < 0:
             raise ValueError(f"--lr must be > 0 and --grad_clip >= 0, got {self.lr}, {self.grad_clip}")
 
@@ -145,15 +162,16 @@ def parse_args(argv):
     parser.add_argument("--task", default="copy", help=f"one of {', '.join(TASKS)}")
     preset = PRESETS.get((known.model, known.task))
     add_fields(parser, "training", TrainConfig, defaults=preset)
-    add_fields(parser, f"model ({known.model})", model_cfg, skip=("input_size", "output_size"), defaults=preset)
+    add_fields(parser, f"model ({known.model})", model_cfg, skip=SIZED_BY_TASK, defaults=preset)
     add_fields(parser, f"task ({known.task})", task_cfg, defaults=preset)
     args = vars(parser.parse_args(argv))
     return args.pop("model"), args.pop("task"), args
 
 
 def model_config_for(model_name, task, values):
-    """The model's config, sized for the task's inputs and outputs."""
-    sizes = {k: task.spec[k] for k in ("input_size", "output_size") if k in task.spec}
+    """The model's config, sized for the task's inputs and outputs (the spec keys the config has)."""
+    names = {f.name for f in fields(MODELS[model_name][0])}
+    sizes = {k: task.spec[k] for k in SIZED_BY_TASK if k in task.spec and k in names}
     return build_config(MODELS[model_name][0], {**values, **sizes}, "model")
 
 
@@ -311,6 +329,11 @@ def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def model_inputs(task, batch):
+    """The keyword tensors beside x that the task hands the model (e.g. a padding mask)."""
+    return {k: batch[k] for k in getattr(task, "model_inputs", ())}
+
+
 @torch.no_grad()
 def evaluate(model, task, eval_data, device, autocast):
     """Mean of the task's metrics over each evaluation setting -> {'<metric>@<setting>': value}."""
@@ -321,11 +344,13 @@ def evaluate(model, task, eval_data, device, autocast):
         for batch in batches:
             batch = to_device(batch, device)
             with autocast:
-                logits, internals = model(batch["x"])
+                logits, internals = model(batch["x"], **model_inputs(task, batch))
             for key, value in task.metrics(logits, batch, internals).items():
                 totals[key] = totals.get(key, 0) + value
         count = totals.pop("count")
         results.update({f"{key}@{setting}": value / count for key, value in totals.items()})
+    if hasattr(task, "summary"):  # metrics over every setting, e.g. bAbI's mean error
+        results.update(task.summary(results))
     model.train()
     return results
 
@@ -337,12 +362,12 @@ def draw_figures(model, task, eval_data, out_dir, device, autocast):
     for setting, batches in eval_data.items():
         batch = to_device(batches[0], device)
         with torch.no_grad(), autocast:
-            logits, internals = model(batch["x"], return_internals=True)
+            logits, internals = model(batch["x"], return_internals=True, **model_inputs(task, batch))
         internals = {k: v.cpu() for k, v in internals.items()}
         panels = task.figure_panels(logits.cpu(), to_device(batch, "cpu"), internals)
         if panels:
             draw_panels(os.path.join(out_dir, f"outputs_{setting}.png"), panels)
-        if internals and batch["x"].shape[1] > 1:  # internals over time, for one sequence
+        if internals and task.spec["kind"] == "sequence" and batch["x"].shape[1] > 1:  # internals over time
             inputs = [("input", batch["x"][0].float().cpu().T)]
             outputs = [("output", torch.sigmoid(logits[0].float()).cpu().T)]
             draw_panels(os.path.join(out_dir, f"internals_{setting}.png"), inputs + internal_panels(internals) + outputs)
@@ -376,7 +401,12 @@ def main(argv=None):
     ckpt = load_checkpoint(ckpt_path, model_name, task_name) if (cfg.resume or cfg.eval_only) else None
     task_values = ckpt["task_config"] if ckpt else split_flags(preset, task_cls_cfg)
     task_cfg = build_config(task_cls_cfg, {**task_values, **split_flags(flags, task_cls_cfg)}, "task")
-    task = task_cls(task_cfg, data_dir=cfg.data_dir or None)
+    try:
+        task = task_cls(task_cfg, data_dir=cfg.data_dir or None)
+    except DataError as e:
+        raise UserError(str(e))
+    except ValueError as e:
+        raise UserError(f"bad task setting: {e}")
     if task.spec["kind"] not in kinds:
         fitting = [m for m, (_, _, k) in MODELS.items() if task.spec["kind"] in k]
         raise UserError(f"--model {model_name} does not fit --task {task_name} ({task.spec['kind']} data): "
@@ -402,10 +432,7 @@ def main(argv=None):
     autocast = autocast_for(device_type)
 
     # evaluation data: fixed seeds, the same for every run and every training seed
-    eval_gen = torch.Generator().manual_seed(1234)
-    n = task_cfg.eval_samples
-    eval_data = {s: [task.eval_batch(s, min(cfg.batch_size * 8, n - i), eval_gen) for i in range(0, n, cfg.batch_size * 8)]
-                 for s in task.eval_settings}
+    eval_data = task.eval_data(cfg.batch_size * 8, torch.Generator().manual_seed(1234))
 
     raw_model = model  # saved and evaluated; a compiled / DDP-wrapped one may train
 
@@ -471,13 +498,15 @@ def main(argv=None):
     t_last, seqs_since = time.time(), 0
     while iter_num < cfg.max_iters:
         t0 = time.time()
-        if cfg.decay_lr:
+        if cfg.decay_lr or cfg.warmup_iters:
             progress = iter_num / max(cfg.max_iters, 1)
+            scale = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)) if cfg.decay_lr else 1.0
+            scale *= min(1.0, (iter_num + 1) / cfg.warmup_iters) if cfg.warmup_iters else 1.0
             for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+                group["lr"] = cfg.lr * scale
         batch = to_device(task.train_batch(cfg.batch_size, data_gen), device)
         with autocast:
-            logits, internals = model(batch["x"])
+            logits, internals = model(batch["x"], **model_inputs(task, batch))
         loss = task.loss(logits, batch)
         if hasattr(raw_model, "ponder_loss"):  # ACT: + tau * ponder cost, with its gradient
             loss = loss + raw_model.ponder_loss(internals)
@@ -511,7 +540,7 @@ def main(argv=None):
         if not metrics:  # nothing left to train (e.g. --resume at max_iters): evaluate as is
             metrics = evaluation(iter_num, seconds)
         write_results(metrics)
-        scores = ", ".join(f"{k} {v:.3g}" for k, v in metrics.items() if "@" in k)
+        scores = ", ".join(f"{k} {v:.3g}" for k, v in metrics.items() if k not in ("iter", "seconds"))
         print(f"{model_name} on {task_name}: {scores} after {iter_num} steps in {seconds:.0f} s of training.\n"
               f"Files in {out_dir}: {', '.join(sorted(os.listdir(out_dir)))}")
     if ddp:  # leave together: no rank tears down the group while rank 0 is still writing

@@ -187,7 +187,7 @@ def test_the_command_line_prints_one_error_line_and_exits_non_zero(tmp_path):
     proc = subprocess.run([sys.executable, "train.py", "--model", "gpt", "--out_dir", out],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["error: unknown model 'gpt': choose one of ntm, lstm, act"]
+    assert proc.stderr.strip().splitlines() == ["error: unknown model 'gpt': choose one of ntm, lstm, act, universal_transformer, transformer"]
     assert not os.path.exists(out)
 
 
@@ -273,3 +273,9 @@ def test_act_and_lstm_run_on_addition_with_the_papers_settings_as_presets(tmp_pa
     result = main(["--model", "lstm", "--task", "addition", "--out_dir", str(tmp_path / "lstm"), "--hidden_size", "16",
                    "--max_numbers", "3", "--max_digits", "2", "--eval_samples", "64", "--max_iters", "3"])
     assert set(result["metrics"]) == {"seq_err@3x2", "iter", "seconds"}
+
+
+def test_warmup_ramps_the_learning_rate_linearly_from_zero(tmp_path):
+    out, _ = run(tmp_path, "--max_iters", "2", "--warmup_iters", "4", "--lr", "1e-3")
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * 2 / 4)  # the second of 4 warm-up steps

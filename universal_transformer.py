@@ -1,0 +1,302 @@
+"""
+Universal Transformer with dynamic halting, and the vanilla Transformer baseline, in one file.
+
+Paper: Mostafa Dehghani, Stephan Gouws, Oriol Vinyals, Jakob Uszkoreit, Lukasz Kaiser,
+"Universal Transformers", ICLR 2019, arXiv:1807.03819 (cited by section, its formulas written out).
+Halting: Alex Graves, "Adaptive Computation Time for Recurrent Neural Networks", 2016,
+arXiv:1603.08983 (every "Eq." below is Graves', numbered as in v6).
+
+The idea:
+- A Transformer encoder applies L different blocks once each. A Universal Transformer applies ONE
+  block (self-attention, then a position-wise transition function, each with a residual connection
+  and LayerNorm) T times: a recurrence over depth, in parallel over positions (section 2.1):
+      A^t = LayerNorm((H^{t-1} + P^t) + MultiHeadSelfAttention(H^{t-1} + P^t))
+      H^t = LayerNorm(A^t + Transition(A^t))
+- Before every step the sum of a position signal and a timestep signal is added to the state, so
+  the shared block knows both where and when it is (section 2.1's coordinate embedding):
+      P^t_{i,2j} = sin(i / 10000^{2j/d}) + sin(t / 10000^{2j/d}), and cos for dimension 2j + 1
+- Dynamic halting (section 2.2): every position has its own ACT halting unit. After each step the
+  position emits h (Eq. 5); it stops once its h's reach 1 - eps (Eq. 7), the last step
+  gets the remainder R (Eq. 6, 8), its output is the p-weighted sum of its states (Eq. 9), and
+  the ponder cost rho = N + R (Eq. 10) joins the loss (Eq. 11-12). A halted position's state stops
+  changing, but the positions still running keep attending to it.
+- universal=False is the baseline of the paper's tables: a Transformer encoder of max_steps
+  distinct layers of the same width, the position signal added once at the input.
+
+Paper symbol -> variable -> shape  (B batch, S positions, D d_model, K steps run)
+    H^0          embedded          (B, S, D)  token embeddings; bAbI facts: words summed under a
+                                              learned positional mask (bAbI experiments, as MemN2N)
+    P^t          position_signal + timestep_signal[t]   (B, S, D) + (D,)
+    H^t          state             (B, S, D)
+    A^t          after_attention   (B, S, D)
+    h^n          halting_value     (B, S)  per position, Graves Eq. 5
+    p^n          halting_prob      (B, S); all of them: halting_probs (B, S, K)
+    N            steps             (B, S) int64
+    R            1 - halting_sum   (B, S)
+    rho          ponder_cost       (B, S), 0 at padding
+    T, M, eps, tau   max_steps, max_steps, eps, time_penalty
+
+Choices the papers leave open, and what we do:
+- The halting unit reads the NEW state of a step, h^n = sigmoid(W_h H^n + b_h), as Graves' Eq. 5
+  does; tensor2tensor reads the state before the step. Outputs and the state returned are Graves'
+  weighted sums sum_n p^n H^n (Eq. 9); tensor2tensor interpolates between successive states instead.
+- The ponder cost carries its gradient (through R only, as N is piecewise constant: Graves Eq. 14).
+  ponder_loss is tau times the mean of rho over the real positions of the batch: Graves' Eq. 12
+  with P(x) averaged rather than summed over positions, so tau does not scale with the length.
+- A halted position keeps its last state H^N for the positions still running to attend to (with
+  the current step's timestep signal added, like every other position).
+- Padded positions (padding_mask False) are never attended to, never halt-counted and cost nothing.
+- Layout: norm_first=True (the default) puts LayerNorm before each sublayer, H = A + Transition(LN(A)),
+  A = x + Attention(LN(x)), with one LayerNorm before the output layer, as tensor2tensor's code does.
+  norm_first=False is the paper's section 2.1 layout (LayerNorm after each residual sum); in our runs it sat at
+  chance on bAbI task 1 for the first ~250 steps with 8 fixed steps at lr 1e-3 (pre-norm: 0.1% error
+  after 500 steps).
+- Embeddings are not scaled by sqrt(D); the sinusoids are Vaswani et al.'s, with positions
+  counted from 0 (+ an optional per-sample offset, as the paper's algorithmic tasks train with) and timesteps from 1.
+- Halting arithmetic is fp32, also under autocast.
+- Only the encoder is here: every task in data.py reads its answer from encoder positions (bAbI:
+  the question's position; the algorithmic tasks: one output per input position). The paper's
+  decoder for sequence-to-sequence outputs is not implemented.
+
+Reproduce: python train.py --model universal_transformer --task babi --data_dir DIR
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class UTConfig:
+    vocab_size: int = 32  # set from the task: input token ids 0..vocab_size-1, 0 is padding
+    output_size: int = 8  # set from the task: classes predicted at every position
+    sentence_length: int = 0  # set from the task: words per fact for bAbI-style (B, S, W) inputs; 0 = tokens (B, S)
+    d_model: int = 128  # D (the CPU presets in train.py use 64)
+    num_heads: int = 4
+    d_ff: int = 128  # width of the transition function
+    transition: str = "ffn"  # 'ffn' (position-wise, 2 layers, ReLU) or 'sepconv' (separable convolutions)
+    kernel_size: int = 3  # of the separable convolutions
+    dropout: float = 0.1
+    norm_first: bool = True  # True: LayerNorm before each sublayer, as tensor2tensor; False: after, as the paper's section 2.1
+    universal: bool = True  # True: one shared block; False: max_steps distinct layers (the Transformer)
+    act: bool = True  # dynamic halting per position (section 2.2); False: exactly max_steps steps
+    max_steps: int = 8  # T without ACT, the cap M with ACT, the number of layers when universal=False
+    eps: float = 0.01  # Graves: halt once the h's sum to 1 - eps
+    halting_bias_init: float = 1.0  # b_h, Graves section 3: starts pondering little
+    time_penalty: float = 0.01  # tau (tensor2tensor's act_loss_weight)
+
+    def __post_init__(self):
+        for name in ("vocab_size", "output_size", "d_model", "num_heads", "d_ff", "max_steps", "kernel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.d_model % self.num_heads or self.d_model % 2:
+            raise ValueError(f"d_model must be even and divisible by num_heads, got {self.d_model}, {self.num_heads}")
+        if self.transition not in ("ffn", "sepconv"):
+            raise ValueError(f"transition must be 'ffn' or 'sepconv', got {self.transition!r}")
+        if self.act and not self.universal:
+            raise ValueError("act needs universal=True (halting is a recurrence over one shared block)")
+        if not 0 <= self.dropout < 1 or not 0 <= self.eps < 1 or self.time_penalty < 0:
+            raise ValueError("need 0 <= dropout < 1, 0 <= eps < 1 and time_penalty >= 0")
+        if self.sentence_length < 0:
+            raise ValueError(f"sentence_length must be >= 0, got {self.sentence_length}")
+
+
+@dataclass
+class TransformerConfig(UTConfig):
+    """The baseline: max_steps distinct layers, no recurrence, no halting (--model transformer)."""
+    universal: bool = False
+    act: bool = False
+    max_steps: int = 6  # layers; the paper's bAbI baseline is a Transformer of the same width
+
+
+def sinusoid(positions, dim):
+    """Vaswani et al.'s signal, the two halves of section 2.1's P^t: sin on even, cos on odd dimensions.
+    positions (...) float -> (..., dim)."""
+    j = torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32)  # 2j
+    angles = positions.float().unsqueeze(-1) / (10000 ** (j / dim))  # i / 10000^(2j/d)
+    signal = torch.zeros(*positions.shape, dim, device=positions.device)
+    signal[..., 0::2], signal[..., 1::2] = torch.sin(angles), torch.cos(angles)
+    return signal
+
+
+class SelfAttention(nn.Module):
+    """Section 2.1 (after Vaswani et al.): multi-head scaled dot-product self-attention, with a key padding mask."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.num_heads = c.num_heads
+        self.qkv = nn.Linear(c.d_model, 3 * c.d_model)  # W^Q, W^K, W^V of every head
+        self.out = nn.Linear(c.d_model, c.d_model)  # W^O
+        self.dropout = nn.Dropout(c.dropout)
+
+    def forward(self, x, key_mask):
+        B, S, D = x.shape
+        q, k, v = self.qkv(x).view(B, S, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, nh, S, hs)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(D // self.num_heads)  # softmax(Q K^T / sqrt(d/k)) V
+        scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))  # padding is never attended to
+        weights = scores.softmax(-1)  # (B, nh, S, S)
+        heads = self.dropout(weights) @ v  # head_i
+        return self.out(heads.transpose(1, 2).reshape(B, S, D)), weights  # Concat(head_1..head_k) W^O
+
+
+class SeparableConvTransition(nn.Module):
+    """Transition function option of section 2.1: two depthwise-separable convolutions over positions
+    (depthwise kernel_size, then pointwise), ReLU between. Padding is zeroed before each convolution,
+    so a real position sees exactly what it would see at the end of an unpadded sequence."""
+
+    def __init__(self, c):
+        super().__init__()
+        pad = c.kernel_size // 2
+        self.depthwise1 = nn.Conv1d(c.d_model, c.d_model, c.kernel_size, padding=pad, groups=c.d_model)
+        self.pointwise1 = nn.Linear(c.d_model, c.d_ff)
+        self.depthwise2 = nn.Conv1d(c.d_ff, c.d_ff, c.kernel_size, padding=pad, groups=c.d_ff)
+        self.pointwise2 = nn.Linear(c.d_ff, c.d_model)
+
+    def forward(self, x, real):
+        keep = real.unsqueeze(-1).to(x.dtype)
+        x = self.depthwise1((x * keep).transpose(1, 2)).transpose(1, 2)
+        x = F.relu(self.pointwise1(x))
+        x = self.depthwise2((x * keep).transpose(1, 2)).transpose(1, 2)
+        return self.pointwise2(x)
+
+
+class Block(nn.Module):
+    """One step of section 2.1: A = LayerNorm(x + MultiHeadSelfAttention(x)), H = LayerNorm(A + Transition(A)),
+    with x = H^{t-1} + P^t, dropout on both residual branches; or, with norm_first, the same sums with
+    LayerNorm moved onto each sublayer's input."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.attention = SelfAttention(c)
+        self.norm1, self.norm2 = nn.LayerNorm(c.d_model), nn.LayerNorm(c.d_model)
+        if c.transition == "ffn":
+            self.transition = nn.Sequential(nn.Linear(c.d_model, c.d_ff), nn.ReLU(), nn.Linear(c.d_ff, c.d_model))
+        else:
+            self.transition = SeparableConvTransition(c)
+        self.dropout = nn.Dropout(c.dropout)
+
+        self.norm_first = c.norm_first
+
+    def transform(self, x, real):
+        if isinstance(self.transition, SeparableConvTransition):
+            return self.transition(x, real)
+        return self.transition(x)
+
+    def forward(self, x, real):
+        if self.norm_first:  # tensor2tensor's layout: x + f(LayerNorm(x)) for both sublayers
+            attended, weights = self.attention(self.norm1(x), real)
+            after_attention = x + self.dropout(attended)
+            return after_attention + self.dropout(self.transform(self.norm2(after_attention), real)), weights
+        attended, weights = self.attention(x, real)
+        after_attention = self.norm1(x + self.dropout(attended))  # A^t
+        return self.norm2(after_attention + self.dropout(self.transform(after_attention, real))), weights  # H^t
+
+
+class UniversalTransformer(nn.Module):
+    """forward(x, padding_mask=None, position_offset=None) with x (B, S) token ids or (B, S, W) facts of
+    W word ids -> logits (B, S, output_size), internals dict (ponder statistics per position)."""
+
+    def __init__(self, config: UTConfig):
+        super().__init__()
+        self.config = c = config
+        self.embedding = nn.Embedding(c.vocab_size, c.d_model, padding_idx=0)
+        if c.sentence_length:  # bAbI: a fact is the sum of its word embeddings under a learned positional mask
+            self.word_position_mask = nn.Parameter(torch.ones(c.sentence_length, c.d_model))
+        self.blocks = nn.ModuleList([Block(c) for _ in range(1 if c.universal else c.max_steps)])
+        self.final_norm = nn.LayerNorm(c.d_model) if c.norm_first else nn.Identity()  # pre-norm ends with one
+        self.output = nn.Linear(c.d_model, c.output_size)
+        if c.act:
+            self.halting_unit = nn.Linear(c.d_model, 1)  # W_h, b_h (Graves Eq. 5), one per position
+            nn.init.constant_(self.halting_unit.bias, c.halting_bias_init)
+
+    def embed(self, x):
+        if x.dim() == 3:  # (B, S, W) facts: sum_j mask_j * E[word_j]
+            return (self.embedding(x) * self.word_position_mask[: x.shape[-1]]).sum(-2)
+        return self.embedding(x)  # (B, S, D)
+
+    def halting_step(self, new_state, state, mean_state, halting_sum, running, last_step):
+        """One ACT step for every position at once (Graves Eq. 5-9, applied over depth per position).
+        new_state (B, S, D) is H^n, state H^{n-1}; mean_state the sum of p H so far; halting_sum (B, S)
+        the sum of h over the steps taken before the halting one; running (B, S) bool. last_step: n = M.
+        Returns state, mean_state, halting_sum, running updated and halting_prob p^n (B, S)."""
+        with torch.autocast(device_type=new_state.device.type, enabled=False):
+            halting_value = torch.sigmoid(self.halting_unit(new_state.float())).squeeze(-1)  # Eq. 5: h^n
+            # Eq. 7 and 13: step n is N once the h's up to and including h^n reach 1 - eps, or n = M
+            halts_now = running & ((halting_sum + halting_value >= 1 - self.config.eps) | last_step)
+            continues = running & ~halts_now
+            # Eq. 6, 8: p^n = h^n before N; at N the remainder R = 1 - sum_{n < N} h^n; 0 once halted
+            halting_prob = torch.where(continues, halting_value, torch.where(halts_now, 1 - halting_sum, 0.0))
+            halting_sum = halting_sum + torch.where(continues, halting_value, 0.0)
+            mean_state = mean_state + halting_prob.unsqueeze(-1) * new_state.float()  # Eq. 9: sum_n p^n H^n
+        state = torch.where(running.unsqueeze(-1), new_state, state)  # a halted position stops changing
+        return state, mean_state, halting_sum, continues, halting_prob
+
+    def forward(self, x, return_internals=False, padding_mask=None, position_offset=None):
+        c = self.config
+        B, S = x.shape[:2]
+        real = torch.ones(B, S, dtype=torch.bool, device=x.device) if padding_mask is None else padding_mask.bool()
+        positions = torch.arange(S, device=x.device).expand(B, S)
+        if position_offset is not None:  # algorithmic tasks: random offsets so long positions are seen in training
+            positions = positions + position_offset.view(B, 1)
+        position_signal = sinusoid(positions, c.d_model)  # (B, S, D)
+        state = self.embed(x)
+        if not c.universal:  # the Transformer: the position signal once, at the input
+            state = state + position_signal
+        steps = torch.zeros(B, S, dtype=torch.long, device=x.device)
+        if c.act:
+            mean_state = torch.zeros(B, S, c.d_model, device=x.device)
+            halting_sum = torch.zeros(B, S, device=x.device)
+            running = real.clone()
+        halting_probs, first_attention = [], []
+        for n in range(1, c.max_steps + 1):
+            if c.universal:  # section 2.1: H^{n-1} + P^n, the position and the timestep signal at every step
+                timestep = torch.tensor(float(n), device=x.device)
+                block_input = state + position_signal + sinusoid(timestep, c.d_model)
+                block = self.blocks[0]
+            else:
+                block_input, block = state, self.blocks[n - 1]
+            new_state, weights = block(block_input, real)
+            first_attention.append(weights[:, :, 0])  # (B, nh, S): what position 0 attends to
+            if c.act:
+                steps = steps + running
+                state, mean_state, halting_sum, running, halting_prob = self.halting_step(
+                    new_state, state, mean_state, halting_sum, running, n == c.max_steps)
+                halting_probs.append(halting_prob)
+                if not running.any():
+                    break
+            else:
+                state = new_state
+                steps = steps + real
+        output_state = mean_state.to(state.dtype) if c.act else state
+        logits = self.output(self.final_norm(output_state))  # (B, S, output_size)
+        internals = {}
+        if c.act:
+            # Graves Eq. 10: rho = N + R; N is constant, the gradient flows through R alone (Eq. 14)
+            internals["ponder_cost"] = (steps + (1 - halting_sum)) * real
+        internals["steps"] = steps  # N per position (max_steps without ACT), 0 at padding
+        if return_internals:
+            if c.act:
+                internals["halting_probs"] = torch.stack(halting_probs, dim=-1)  # (B, S, K), p^n
+            internals["first_position_attention"] = torch.stack(first_attention, dim=1)  # (B, K, nh, S)
+        return logits, internals
+
+    def ponder_loss(self, internals):
+        """tau times the mean ponder cost rho over the real positions (Graves Eq. 11-12, see the docstring).
+        Without ACT there is nothing to learn: 0."""
+        if not self.config.act:
+            return torch.zeros((), device=internals["steps"].device)
+        real = (internals["steps"] > 0).float()
+        return self.config.time_penalty * internals["ponder_cost"].sum() / real.sum().clamp(min=1)
+
+
+if __name__ == "__main__":  # smoke test: python universal_transformer.py
+    torch.manual_seed(0)
+    for config in (UTConfig(), UTConfig(act=False), TransformerConfig(), UTConfig(sentence_length=6, transition="sepconv")):
+        model = UniversalTransformer(config)
+        x = torch.randint(1, config.vocab_size, (2, 5, 6) if config.sentence_length else (2, 5))
+        logits, internals = model(x, return_internals=True, padding_mask=torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]))
+        with torch.no_grad():
+            print(logits.shape, {k: tuple(v.shape) for k, v in internals.items()}, model.ponder_loss(internals).item())
