@@ -35,13 +35,18 @@ from data import TASKS
 from act import ACT, ACTConfig
 from lstm import LSTM, LSTMConfig
 from ntm import NTM, NTMConfig
+from slot_attention import SlotAttention, SlotAttentionConfig
 
 # name -> (config class, model class, task kinds it fits). Adding a model is one row here.
 MODELS = {
     "ntm": (NTMConfig, NTM, ("sequence",)),
     "lstm": (LSTMConfig, LSTM, ("sequence",)),
     "act": (ACTConfig, ACT, ("sequence",)),
+    "slot_attention": (SlotAttentionConfig, SlotAttention, ("image",)),
 }
+
+# Model fields that model_config_for takes from task.spec (never flags): the data decides them.
+SIZED_BY_TASK = ("input_size", "output_size", "image_size", "in_channels")
 
 # The settings (training, model or task fields) that reproduce each result; flags override them.
 PRESETS = {
@@ -55,6 +60,14 @@ PRESETS = {
                               lr=1e-3, eval_interval=500, log_interval=50),
     ("lstm", "addition"): dict(hidden_size=512, num_layers=1, max_iters=10000, batch_size=32, lr=1e-3,
                                eval_interval=1000, log_interval=50),
+    # CPU scale (README): 32 x 32 sprites, encoder downsampling once, decoder from 8 x 8; Adam 4e-4
+    # with warm-up and halving as the paper (Appendix E.1), over a schedule short enough for a CPU.
+    ("slot_attention", "sprites"): dict(num_slots=6, encoder_stride_layers=1, decoder_init_size=8, decoder_channels=16,
+                                        max_iters=4000, batch_size=32, lr=4e-4, warmup_iters=250,
+                                        lr_half_life=4000, eval_interval=500, log_interval=50),
+    ("slot_attention", "sprites_sets"): dict(num_slots=6, encoder_stride_layers=1, max_iters=3000,
+                                             batch_size=32, lr=4e-4, warmup_iters=200, lr_half_life=3000,
+                                             eval_interval=500, log_interval=50),
 }
 
 
@@ -64,6 +77,8 @@ class TrainConfig:
     batch_size: int = 32  # per process
     lr: float = 1e-3  # Adam
     decay_lr: bool = False  # cosine decay from lr to lr/10 over max_iters
+    warmup_iters: int = 0  # linear warm-up of the learning rate from 0 over this many steps
+    lr_half_life: int = 0  # exponential decay: lr * 0.5 ** (iter / lr_half_life) (0 = off)
     grad_clip: float = 10.0  # clip the global gradient norm (0 = off)
     seed: int = 0
     device: str = "auto"  # auto picks cuda, then mps, then cpu
@@ -77,8 +92,8 @@ class TrainConfig:
     eval_only: bool = False  # evaluate <out_dir>/ckpt.pt and exit
 
     def __post_init__(self):
-        for name in ("max_iters", "batch_size", "eval_interval", "log_interval"):
-            if getattr(self, name) < (0 if name == "max_iters" else 1):
+        for name in ("max_iters", "batch_size", "eval_interval", "log_interval", "warmup_iters", "lr_half_life"):
+            if getattr(self, name) < (1 if name in ("batch_size", "eval_interval", "log_interval") else 0):
                 raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
         if not self.lr > 0 or self.grad_clip < 0:
             raise ValueError(f"--lr must be > 0 and --grad_clip >= 0, got {self.lr}, {self.grad_clip}")
@@ -145,7 +160,7 @@ def parse_args(argv):
     parser.add_argument("--task", default="copy", help=f"one of {', '.join(TASKS)}")
     preset = PRESETS.get((known.model, known.task))
     add_fields(parser, "training", TrainConfig, defaults=preset)
-    add_fields(parser, f"model ({known.model})", model_cfg, skip=("input_size", "output_size"), defaults=preset)
+    add_fields(parser, f"model ({known.model})", model_cfg, skip=SIZED_BY_TASK, defaults=preset)
     add_fields(parser, f"task ({known.task})", task_cfg, defaults=preset)
     args = vars(parser.parse_args(argv))
     return args.pop("model"), args.pop("task"), args
@@ -153,7 +168,8 @@ def parse_args(argv):
 
 def model_config_for(model_name, task, values):
     """The model's config, sized for the task's inputs and outputs."""
-    sizes = {k: task.spec[k] for k in ("input_size", "output_size") if k in task.spec}
+    names = {f.name for f in fields(MODELS[model_name][0])}
+    sizes = {k: task.spec[k] for k in SIZED_BY_TASK if k in task.spec and k in names}
     return build_config(MODELS[model_name][0], {**values, **sizes}, "model")
 
 
@@ -218,11 +234,19 @@ def text_image(text, scale=2, width=None):
 
 
 def draw_panels(path, panels, max_width=1200, max_height=1600):
-    """panels: list of (label, 2-D tensor in [0, 1]) drawn top to bottom, each under its label."""
+    """panels: list of (label, tensor in [0, 1]) drawn top to bottom, each under its label: a 2-D
+    tensor as a heat map, an (H, W, 3) tensor as an RGB image."""
     cols = max(p.shape[1] for _, p in panels)
     rows = sum(p.shape[0] + 2 for _, p in panels)
     cell = max(2, min(16, max_width // max(cols, 1), max_height // rows))
-    images = [heatmap(p, cell) for _, p in panels]
+
+    def render(p):
+        if p.dim() == 2:
+            return heatmap(p, cell)
+        rgb = (p.float().clamp(0, 1) * 255).round().to(torch.uint8)
+        return rgb.repeat_interleave(cell, 0).repeat_interleave(cell, 1)
+
+    images = [render(p) for _, p in panels]
     width = max(img.shape[1] for img in images + [text_image(label) for label, _ in panels])
     stack = []
     for (label, _), img in zip(panels, images):
@@ -331,8 +355,9 @@ def evaluate(model, task, eval_data, device, autocast):
 
 
 def draw_figures(model, task, eval_data, out_dir, device, autocast):
-    """For each evaluation setting: target vs output (paper Fig. 4/5), and the model's
-    internals over time for one sequence (Fig. 6) where it has any."""
+    """For each evaluation setting: the task's panels (target vs output, NTM paper Fig. 4/5; images
+    and slots, Slot Attention Fig. 2), and for sequence tasks the model's internals over time for
+    one sequence (NTM Fig. 6) where it has any."""
     model.eval()
     for setting, batches in eval_data.items():
         batch = to_device(batches[0], device)
@@ -342,7 +367,7 @@ def draw_figures(model, task, eval_data, out_dir, device, autocast):
         panels = task.figure_panels(logits.cpu(), to_device(batch, "cpu"), internals)
         if panels:
             draw_panels(os.path.join(out_dir, f"outputs_{setting}.png"), panels)
-        if internals and batch["x"].shape[1] > 1:  # internals over time, for one sequence
+        if task.spec["kind"] == "sequence" and internals and batch["x"].shape[1] > 1:  # over time, one sequence
             inputs = [("input", batch["x"][0].float().cpu().T)]
             outputs = [("output", torch.sigmoid(logits[0].float()).cpu().T)]
             draw_panels(os.path.join(out_dir, f"internals_{setting}.png"), inputs + internal_panels(internals) + outputs)
@@ -383,7 +408,8 @@ def main(argv=None):
                         f"use one of {', '.join(fitting)}")
     if ckpt:
         model_flags = split_flags(flags, model_cls_cfg)
-        clash = {k: v for k, v in model_flags.items() if ckpt["model_config"].get(k) != v}
+        clash = {k: v for k, v in model_flags.items()
+                 if k not in SIZED_BY_TASK and ckpt["model_config"].get(k) != v}
         if clash:
             raise UserError(f"{', '.join('--' + k for k in clash)} differ from the checkpoint in {out_dir}: "
                             "drop them or pass another --out_dir")
@@ -471,10 +497,17 @@ def main(argv=None):
     t_last, seqs_since = time.time(), 0
     while iter_num < cfg.max_iters:
         t0 = time.time()
-        if cfg.decay_lr:
-            progress = iter_num / max(cfg.max_iters, 1)
+        if cfg.decay_lr or cfg.warmup_iters or cfg.lr_half_life:
+            lr = cfg.lr
+            if cfg.decay_lr:
+                progress = iter_num / max(cfg.max_iters, 1)
+                lr *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+            if cfg.lr_half_life:  # Slot Attention, Appendix E.1: halve every 100k steps
+                lr *= 0.5 ** (iter_num / cfg.lr_half_life)
+            if iter_num < cfg.warmup_iters:  # Slot Attention, Appendix E.1: linear warm-up
+                lr *= (iter_num + 1) / cfg.warmup_iters
             for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+                group["lr"] = lr
         batch = to_device(task.train_batch(cfg.batch_size, data_gen), device)
         with autocast:
             logits, internals = model(batch["x"])
