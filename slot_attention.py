@@ -43,9 +43,9 @@ Choices the paper leaves open, and what we do:
 - Evaluation uses the same random slot init as training (the paper does; the official code too).
 - implicit_grad (Chang et al. 2022, "Object Representations as Fixed Points", arXiv:2207.00787):
   the first T - 1 iterations run, the slots are detached, and only the last iteration is
-  differentiated (first-order implicit gradient). As in their code we pass the gradient of the
-  last iteration's input straight to the initial slots (slots.detach() + init - init.detach()), so
-  mu and log sigma still learn; without that term they would get no gradient at all.
+  differentiated (first-order implicit gradient). Our addition: the gradient that reaches the last
+  iteration's input is passed straight to the initial slots (slots.detach() + init - init.detach()),
+  so mu and log sigma still learn; a plain detach would leave them without any gradient.
 
 Where the official code (google-research/slot_attention, TF) differs from plain reading of the
 paper: none that we know of in the module; its q/k/v have no bias and the scale is D ** -0.5 with D
@@ -148,7 +148,7 @@ class SlotAttentionModule(nn.Module):
         weights = attention + self.epsilon
         weights = weights / weights.sum(dim=-1, keepdim=True)  # renormalised over the inputs
         updates = torch.einsum("bkn,bnd->bkd", weights, values)  # (B, K, D)
-        # line 8, Eq. 3: slots = GRU(state = slots_prev, inputs = updates), batched over B * K
+        # line 8 (section 2.1): slots = GRU(state = slots_prev, inputs = updates), batched over B * K
         B, K, D = updates.shape
         slots = self.gru(updates.reshape(B * K, D), slots_prev.reshape(B * K, D)).view(B, K, D)
         # line 9: slots += MLP(LayerNorm(slots))
@@ -270,7 +270,7 @@ class SlotAttention(nn.Module):
         if self.config.output_size:
             return torch.sigmoid(self.property_mlp(slots)), internals  # (B, K, P)
         rgb, masks = self.decode(slots)
-        reconstruction = (rgb * masks.unsqueeze(2)).sum(dim=1)  # Eq. of section 2.2: sum_k alpha_k rgb_k
+        reconstruction = (rgb * masks.unsqueeze(2)).sum(dim=1)  # section 2.2: y = sum_k alpha_k * rgb_k
         internals["masks"] = masks
         if return_internals:
             internals["slot_rgb"] = rgb

@@ -63,7 +63,7 @@ PRESETS = {
     # CPU scale (README): 32 x 32 sprites, encoder downsampling once, decoder from 8 x 8; Adam 4e-4
     # with warm-up and halving as the paper (Appendix E.1), over a schedule short enough for a CPU.
     ("slot_attention", "sprites"): dict(num_slots=6, encoder_stride_layers=1, decoder_init_size=8, decoder_channels=16,
-                                        max_iters=4000, batch_size=16, lr=4e-4, warmup_iters=250,
+                                        max_iters=4000, batch_size=16, lr=1e-3, warmup_iters=250,
                                         lr_half_life=4000, eval_interval=250, log_interval=50),
     ("slot_attention", "sprites_sets"): dict(num_slots=6, encoder_stride_layers=1, max_iters=2500,
                                              batch_size=32, lr=4e-4, warmup_iters=200, lr_half_life=2500,
