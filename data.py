@@ -629,6 +629,11 @@ class SpritesSets(Sprites):
         self.fields = (("shape", len(SHAPES)), ("colour", len(PALETTE)), ("size", len(SIZES)))
         self.spec["output_size"] = 2 + sum(k for _, k in self.fields) + 1
 
+    def check_model(self, model_config):
+        if getattr(model_config, "num_slots", self.config.max_objects) < self.config.max_objects:
+            raise ValueError(f"{model_config.num_slots} slots cannot predict up to {self.config.max_objects} "
+                             "objects: raise --num_slots or lower --max_objects")
+
     def targets(self, batch, num_slots):
         parts = [batch["position"]] + [F.one_hot(batch[name], k).float() for name, k in self.fields]
         y = torch.cat(parts + [batch["exists"].unsqueeze(-1)], dim=-1) * batch["exists"].unsqueeze(-1)

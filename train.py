@@ -418,6 +418,11 @@ def main(argv=None):
     else:
         model_values = {**split_flags(preset, model_cls_cfg), **split_flags(flags, model_cls_cfg)}
         model_cfg = model_config_for(model_name, task, model_values)
+    if hasattr(task, "check_model"):  # a task that needs something of the model (e.g. enough slots)
+        try:
+            task.check_model(model_cfg)
+        except ValueError as e:
+            raise UserError(f"--model {model_name} does not fit --task {task_name}: {e}")
 
     torch.manual_seed(cfg.seed)
     model = model_cls(model_cfg).to(device)

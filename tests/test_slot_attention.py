@@ -258,3 +258,17 @@ def test_bench_times_slot_attention_on_sprites():
     import bench
     row = bench.time_training("slot_attention", "sprites_sets", 2, "cpu", False, warmup=0, runs=1, steps=1)
     assert row["ms_per_step"] > 0 and row["setting"] == "test"
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--task", "copy"], "does not fit --task copy"),
+    (["--task", "sprites_sets", "--num_slots", "3"], "3 slots cannot predict up to 5 objects"),
+    (["--task", "sprites", "--decoder_init_size", "6"], "decoder_init_size"),
+    (["--task", "sprites", "--background", "pink"], "background"),
+])
+def test_bad_image_settings_are_refused_before_anything_is_written(tmp_path, flags, message):
+    import train
+    out = tmp_path / "out"
+    with pytest.raises(train.UserError, match=message):
+        train.main(["--model", "slot_attention", "--out_dir", str(out), *flags])
+    assert not out.exists()
