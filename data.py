@@ -21,6 +21,7 @@ read offline after that; a missing or corrupt file raises DataError (train.py pr
 """
 
 import hashlib
+import math
 import os
 import shutil
 import tarfile
@@ -733,6 +734,329 @@ class AlgoAddition(Algorithmic):
         y = total.flip(1)  # right-aligned: place 10^k at position L - 1 - k
         mask = (column.flip(0) < torch.maximum(left, right) + 1).float()
         return x, y, mask
+# Slot Attention (Locatello et al. 2020, arXiv:2006.15055): multi-object sprites, generated here.
+# Like Multi-dSprites (section 4.1): 2-5 shapes of several colours, sizes, positions and
+# orientations, drawn in painter's order so later objects occlude earlier ones.
+
+SHAPES = ("square", "ellipse", "triangle", "heart")
+PALETTE = torch.tensor([[0.95, 0.15, 0.15], [0.15, 0.85, 0.2], [0.2, 0.35, 1.0], [1.0, 0.9, 0.1],
+                        [0.95, 0.2, 0.9], [0.1, 0.9, 0.95], [1.0, 0.55, 0.05], [0.6, 0.35, 1.0]])
+SIZES = (0.12, 0.16, 0.2)  # object scale (half-extent) as a fraction of the image side
+BACKGROUNDS = ("black", "grey", "colour")
+
+
+def shape_mask(shape, u, v):
+    """Which points (u, v) of the unit object frame (u right, v down, about [-1, 1]) the shape covers."""
+    if shape == "square":
+        return (u.abs() <= 0.85) & (v.abs() <= 0.85)
+    if shape == "ellipse":
+        return u ** 2 + (v / 0.6) ** 2 <= 1
+    if shape == "triangle":  # apex up at v = -1, base at v = 0.6
+        return (v <= 0.6) & (u.abs() * 3 ** 0.5 <= v + 1)
+    x, y = 1.15 * u, 0.15 - 1.15 * v  # heart: (x^2 + y^2 - 1)^3 <= x^2 y^3, point down
+    return (x ** 2 + y ** 2 - 1) ** 3 <= x ** 2 * y ** 3
+
+
+@dataclass
+class SpritesConfig:
+    image_size: int = 32  # CPU scale; 64 like Multi-dSprites (section 4.1)
+    min_objects: int = 2  # Multi-dSprites: 2-5 objects per image
+    max_objects: int = 5
+    background: str = "black"  # black, grey, or colour (a random dull colour per image)
+    min_visible: float = 0.3  # every object keeps at least this fraction of its area visible
+    eval_samples: int = 320  # test images (the metrics are means over them)
+
+    def __post_init__(self):
+        if not 1 <= self.min_objects <= self.max_objects:
+            raise ValueError(f"need 1 <= min_objects <= max_objects, got {self.min_objects}, {self.max_objects}")
+        if self.image_size < 16:
+            raise ValueError(f"image_size must be at least 16, got {self.image_size}")
+        if self.background not in BACKGROUNDS:
+            raise ValueError(f"background must be one of {', '.join(BACKGROUNDS)}, got {self.background!r}")
+        if not 0 < self.min_visible <= 1:
+            raise ValueError(f"min_visible must be in (0, 1], got {self.min_visible}")
+        _check_positive(self, "eval_samples")
+
+
+def _uniform(generator, low=0.0, high=1.0):
+    return low + (high - low) * float(torch.rand((), generator=generator))
+
+
+class Sprites:
+    """Object discovery. x: images (B, 3, H, W) in [0, 1]; segmentation (B, H, W) int64, 0 for the
+    background and i for the i-th object drawn (painter's order: higher i on top); per object
+    (M = max_objects, zero-padded): exists (B, M), position (B, M, 2) centre (x, y) in [0, 1] of the
+    image side, shape, colour, size (B, M) class indices, angle (B, M) radians.
+    Metrics (x100 where a percentage): fg_ari, ari, mse."""
+
+    kind = "image"
+    bench_setting = "test"
+
+    def __init__(self, config, data_dir=None):
+        self.config = config
+        self.spec = {"kind": self.kind, "image_size": config.image_size, "in_channels": 3}
+        self.eval_settings = {"test": {}}
+
+    def train_batch(self, batch_size, generator):
+        return self.make_batch(batch_size, generator)
+
+    def eval_batch(self, setting, batch_size, generator):
+        return self.make_batch(batch_size, generator, **self.eval_settings[setting])
+
+    def make_scene(self, generator):
+        c, S = self.config, self.config.image_size
+        centres = (torch.arange(S) + 0.5)  # pixel centres
+        py, px = torch.meshgrid(centres, centres, indexing="ij")
+        count = _randint(c.min_objects, c.max_objects, generator)
+        while True:  # rejection: every object keeps min_visible of its area and at least 4 pixels
+            objects, masks = [], []
+            for _ in range(count):
+                shape, colour, size = (_randint(0, len(SHAPES) - 1, generator), _randint(0, len(PALETTE) - 1, generator),
+                                       _randint(0, len(SIZES) - 1, generator))
+                radius = SIZES[size] * S
+                cx, cy = _uniform(generator, radius, S - radius), _uniform(generator, radius, S - radius)
+                angle = _uniform(generator, 0, 2 * math.pi)
+                dx, dy = (px - cx) / radius, (py - cy) / radius
+                u = dx * math.cos(angle) + dy * math.sin(angle)
+                v = -dx * math.sin(angle) + dy * math.cos(angle)
+                objects.append((shape, colour, size, cx / S, cy / S, angle))
+                masks.append(shape_mask(SHAPES[shape], u, v))
+            segmentation = torch.zeros(S, S, dtype=torch.long)
+            for i, mask in enumerate(masks):  # painter's order
+                segmentation[mask] = i + 1
+            visible = [(segmentation == i + 1).sum() for i in range(count)]
+            if all(vis >= max(4, c.min_visible * m.sum()) for vis, m in zip(visible, masks)):
+                break
+        if c.background == "black":
+            background = torch.zeros(3)
+        elif c.background == "grey":
+            background = torch.full((3,), 0.5)
+        else:  # a dull random colour, so the saturated palette stands out
+            background = 0.15 + 0.35 * torch.rand(3, generator=generator)
+        image = background.view(3, 1, 1).expand(3, S, S).clone()
+        for i, (shape, colour, *_rest) in enumerate(objects):
+            image[:, segmentation == i + 1] = PALETTE[colour].unsqueeze(1)
+        return image, segmentation, objects
+
+    def make_batch(self, batch_size, generator):
+        c, S, M = self.config, self.config.image_size, self.config.max_objects
+        x = torch.zeros(batch_size, 3, S, S)
+        segmentation = torch.zeros(batch_size, S, S, dtype=torch.long)
+        exists = torch.zeros(batch_size, M)
+        position, angle = torch.zeros(batch_size, M, 2), torch.zeros(batch_size, M)
+        shape, colour, size = (torch.zeros(batch_size, M, dtype=torch.long) for _ in range(3))
+        for b in range(batch_size):  # scenes are built one by one (rejection sampling)
+            x[b], segmentation[b], objects = self.make_scene(generator)
+            for i, (sh, co, si, cx, cy, an) in enumerate(objects):
+                exists[b, i], shape[b, i], colour[b, i], size[b, i] = 1.0, sh, co, si
+                position[b, i] = torch.tensor([cx, cy])
+                angle[b, i] = an
+        return {"x": x, "segmentation": segmentation, "exists": exists, "position": position,
+                "shape": shape, "colour": colour, "size": size, "angle": angle}
+
+    def loss(self, reconstruction, batch):
+        """Section 2.2: the pixel MSE of the reconstruction."""
+        return F.mse_loss(reconstruction.float(), batch["x"])
+
+    def metrics(self, reconstruction, batch, internals):
+        """Sums over the batch: FG-ARI and ARI (x100) of the argmax of the alpha masks, and the MSE."""
+        predicted = internals["masks"].argmax(dim=1)  # (B, H, W): each pixel's slot
+        true = batch["segmentation"]
+        mse = ((reconstruction.float() - batch["x"]) ** 2).flatten(1).mean(1)
+        return {"fg_ari": 100 * adjusted_rand_index(true, predicted, true > 0).sum().item(),
+                "ari": 100 * adjusted_rand_index(true, predicted).sum().item(),
+                "mse": mse.sum().item(), "count": true.shape[0]}
+
+    def figure_panels(self, reconstruction, batch, internals, images=4):
+        """Paper Fig. 2: per test image, input | reconstruction | each slot's masked reconstruction;
+        then each slot's attention at every iteration (white = 1). RGB panels (H, W, 3) in [0, 1]."""
+        panels = []
+        for b in range(min(images, len(batch["x"]))):
+            row = [batch["x"][b], reconstruction[b].float().clamp(0, 1)]
+            if "slot_rgb" in internals:  # each slot: rgb * alpha on white where alpha is low
+                masks = internals["masks"][b].unsqueeze(1)  # (K, 1, H, W)
+                row += list((internals["slot_rgb"][b].float().clamp(0, 1) * masks + (1 - masks)))
+            panels.append((f"image {b}: input, reconstruction, slots", _image_row(row)))
+            if "attention" in internals:
+                attention = internals["attention"][b].float()  # (T, K, h, w)
+                up = self.config.image_size // attention.shape[-1]
+                for t in range(attention.shape[0]):
+                    maps = attention[t].repeat_interleave(up, -2).repeat_interleave(up, -1)
+                    panels.append((f"attention iteration {t + 1}", _image_row([m.expand(3, -1, -1) for m in maps])))
+        return panels
+
+
+def _image_row(images, gap=2):
+    """A list of (3, H, W) images in [0, 1] -> one (H, W_total, 3) strip with grey gaps."""
+    spaced = []
+    for img in images:
+        spaced += [img, torch.full((3, img.shape[1], gap), 0.4)]
+    return torch.cat(spaced[:-1], dim=2).permute(1, 2, 0)
+
+
+def adjusted_rand_index(true, predicted, include=None):
+    """Adjusted Rand index (Hubert & Arabie 1985) of each image's segmentation, as the reference
+    segmentation metrics of the multi-object datasets compute it: from the contingency table of
+    true and predicted labels over the included pixels. true, predicted: (B, H, W) int64;
+    include: (B, H, W) bool (fg_ari: the foreground). Returns (B,) in [-1, 1]. When both
+    labelings put all included pixels in one cluster the index is 0/0 and we return 1, as the
+    reference does; otherwise the denominator is positive."""
+    B = true.shape[0]
+    true, predicted = true.reshape(B, -1), predicted.reshape(B, -1)
+    weight = torch.ones_like(true, dtype=torch.float64) if include is None else include.reshape(B, -1).double()
+    n_true, n_pred = int(true.max()) + 1, int(predicted.max()) + 1
+    # contingency table n_ij: how many included pixels have true label i and predicted label j
+    table = torch.zeros(B, n_true * n_pred, dtype=torch.float64)
+    table.scatter_add_(1, true * n_pred + predicted, weight)
+    table = table.view(B, n_true, n_pred)
+    a, b, n = table.sum(2), table.sum(1), table.sum((1, 2))
+    pairs = lambda t: (t * (t - 1)).sum(-1)  # twice the number of pairs, sum_i C(t_i, 2) * 2
+    index = pairs(table.flatten(1))
+    true_pairs, pred_pairs = pairs(a), pairs(b)
+    expected = true_pairs * pred_pairs / (n * (n - 1)).clamp(min=1)
+    maximum = (true_pairs + pred_pairs) / 2
+    denominator = maximum - expected
+    ari = (index - expected) / torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+    return torch.where(denominator > 0, ari, torch.ones_like(ari)).float()
+
+
+def hungarian(cost):
+    """Exact minimum-cost assignment (Kuhn 1955, Munkres 1957; the O(n^2 m) shortest augmenting path
+    form with row and column potentials). cost: (n, m) tensor with n <= m. Returns, for each row,
+    the column it gets (a LongTensor of n distinct columns)."""
+    a = cost.tolist()
+    n, m = len(a), len(a[0]) if a else 0
+    if n > m:
+        raise ValueError(f"hungarian needs rows <= columns, got {n} x {m}")
+    inf = float("inf")
+    row_pot, col_pot = [0.0] * (n + 1), [0.0] * (m + 1)  # potentials; index 0 is a virtual column/row
+    owner = [0] * (m + 1)  # owner[j]: the row (1-based) that holds column j, 0 if free
+    previous = [0] * (m + 1)  # the column before j on the current augmenting path
+    for row in range(1, n + 1):
+        owner[0], free_col = row, 0
+        slack, done = [inf] * (m + 1), [False] * (m + 1)
+        while True:  # grow a tree of tight edges from `row` until it reaches a free column
+            done[free_col] = True
+            i, delta, next_col = owner[free_col], inf, 0
+            for j in range(1, m + 1):
+                if not done[j]:
+                    reduced = a[i - 1][j - 1] - row_pot[i] - col_pot[j]
+                    if reduced < slack[j]:
+                        slack[j], previous[j] = reduced, free_col
+                    if slack[j] < delta:
+                        delta, next_col = slack[j], j
+            for j in range(m + 1):  # shift potentials so the cheapest new edge becomes tight
+                if done[j]:
+                    row_pot[owner[j]] += delta
+                    col_pot[j] -= delta
+                else:
+                    slack[j] -= delta
+            free_col = next_col
+            if owner[free_col] == 0:
+                break
+        while free_col:  # flip the path: every row on it moves to the next column
+            before = previous[free_col]
+            owner[free_col] = owner[before]
+            free_col = before
+    assignment = [0] * n
+    for j in range(1, m + 1):
+        if owner[j]:
+            assignment[owner[j] - 1] = j - 1
+    return torch.tensor(assignment, dtype=torch.long)
+
+
+class SpritesSets(Sprites):
+    """Set prediction (section 2.2, 4.2) on the same scenes. Each object's target vector is
+    [x, y, shape one-hot (4), colour one-hot (8), size one-hot (3), 1 (a real object)], in [0, 1];
+    slots left without an object are matched to all-zero targets. Loss: Huber between Hungarian-
+    matched predictions and targets. Metrics ap@inf, ap@1, ap@0.5, ap@0.25, ap@0.125: average
+    precision where a prediction is right if its shape, colour and size classes are right and its
+    centre is within the threshold, in units of 1/6 of the image side (CLEVR's coordinates span
+    [-3, 3], i.e. 6 units across the scene: see README); confidence = the predicted objectness."""
+
+    thresholds = {"inf": math.inf, "1": 1.0, "0.5": 0.5, "0.25": 0.25, "0.125": 0.125}  # Table 2
+
+    def __init__(self, config, data_dir=None):
+        super().__init__(config)
+        self.fields = (("shape", len(SHAPES)), ("colour", len(PALETTE)), ("size", len(SIZES)))
+        self.spec["output_size"] = 2 + sum(k for _, k in self.fields) + 1
+
+    def check_model(self, model_config):
+        if getattr(model_config, "num_slots", self.config.max_objects) < self.config.max_objects:
+            raise ValueError(f"{model_config.num_slots} slots cannot predict up to {self.config.max_objects} "
+                             "objects: raise --num_slots or lower --max_objects")
+
+    def targets(self, batch, num_slots):
+        parts = [batch["position"]] + [F.one_hot(batch[name], k).float() for name, k in self.fields]
+        y = torch.cat(parts + [batch["exists"].unsqueeze(-1)], dim=-1) * batch["exists"].unsqueeze(-1)
+        if num_slots < y.shape[1]:
+            raise ValueError(f"{num_slots} slots cannot predict up to {y.shape[1]} objects: raise num_slots")
+        return F.pad(y, (0, 0, 0, num_slots - y.shape[1]))  # (B, K, P)
+
+    def loss(self, predictions, batch):
+        """Huber loss summed over properties, mean over slots and images, after Hungarian matching."""
+        predictions = predictions.float()
+        y = self.targets(batch, predictions.shape[1]).to(predictions.device)
+        pair_cost = F.smooth_l1_loss(predictions.unsqueeze(2).expand(-1, -1, y.shape[1], -1),
+                                     y.unsqueeze(1).expand(-1, predictions.shape[1], -1, -1),
+                                     reduction="none").sum(-1)  # (B, K predictions, K targets)
+        cost = pair_cost.detach().cpu()
+        match = torch.stack([hungarian(cost[b]) for b in range(len(cost))]).to(predictions.device)  # (B, K)
+        return pair_cost.gather(2, match.unsqueeze(-1)).mean()
+
+    def metrics(self, predictions, batch, internals):
+        """AP per threshold over this batch's images, times the count (train.py divides by it)."""
+        predictions = predictions.float().cpu()
+        count = len(predictions)
+        return {f"ap@{name}": 100 * count * self.average_precision(predictions, batch, t)
+                for name, t in self.thresholds.items()} | {"count": count}
+
+    def average_precision(self, predictions, batch, threshold):
+        """The official CLEVR set-prediction AP: all predictions of all images, by descending
+        confidence; each is a true positive if it matches a not yet claimed object of its image
+        (same classes, closest centre within the threshold); AP = area under the precision-recall
+        curve with precision made monotone (VOC style)."""
+        B, K, _ = predictions.shape
+        offset, classes = 2, []
+        for name, k in self.fields:
+            classes.append(predictions[..., offset:offset + k].argmax(-1))
+            offset += k
+        confidence = predictions[..., -1]
+        same = torch.ones(B, K, batch["exists"].shape[1], dtype=torch.bool)
+        for (name, _), predicted in zip(self.fields, classes):
+            same &= predicted.unsqueeze(2) == batch[name].cpu().unsqueeze(1)
+        distance = 6 * torch.cdist(predictions[..., :2], batch["position"].cpu())  # (B, K, M), units of 1/6 side
+        candidate = same & (batch["exists"].cpu() > 0).unsqueeze(1) & (distance <= threshold)
+        order = confidence.flatten().argsort(descending=True).tolist()
+        claimed = torch.zeros(B, batch["exists"].shape[1], dtype=torch.bool)
+        hits = []
+        for index in order:
+            b, k = divmod(index, K)
+            free = candidate[b, k] & ~claimed[b]
+            if free.any():
+                claimed[b, int(torch.where(free, distance[b, k], torch.full_like(distance[b, k], math.inf)).argmin())] = True
+            hits.append(bool(free.any()))
+        hits = torch.tensor(hits, dtype=torch.float64)
+        true_positives = hits.cumsum(0)
+        precision = true_positives / torch.arange(1, len(hits) + 1)
+        recall = true_positives / batch["exists"].sum().double()
+        precision = torch.cat([torch.zeros(1), precision.double(), torch.zeros(1)]).double()
+        recall = torch.cat([torch.zeros(1), recall, torch.ones(1)]).double()
+        precision = precision.flip(0).cummax(0).values.flip(0)  # the precision envelope
+        steps = torch.nonzero(recall[1:] != recall[:-1]).flatten()
+        return float(((recall[steps + 1] - recall[steps]) * precision[steps + 1]).sum())
+
+    def figure_panels(self, predictions, batch, internals, images=4):
+        """Per test image: the input and each slot's last attention map."""
+        panels = []
+        for b in range(min(images, len(batch["x"]))):
+            row = [batch["x"][b]]
+            if "attention" in internals:
+                attention = internals["attention"][b, -1].float()  # (K, h, w)
+                up = self.config.image_size // attention.shape[-1]
+                row += [m.repeat_interleave(up, -2).repeat_interleave(up, -1).expand(3, -1, -1) for m in attention]
+            panels.append((f"image {b}: input, attention of each slot", _image_row(row)))
+        return panels
 
 
 # ----------------------------------------------------------------------------------------------
@@ -747,4 +1071,6 @@ TASKS = {  # name -> (config class, task class)
     "algo_copy": (AlgorithmicConfig, AlgoCopy),
     "algo_reverse": (AlgorithmicConfig, AlgoReverse),
     "algo_addition": (AlgorithmicConfig, AlgoAddition),
+    "sprites": (SpritesConfig, Sprites),
+    "sprites_sets": (SpritesConfig, SpritesSets),
 }

@@ -37,6 +37,7 @@ from act import ACT, ACTConfig
 from lstm import LSTM, LSTMConfig
 from ntm import NTM, NTMConfig
 from universal_transformer import TransformerConfig, UniversalTransformer, UTConfig
+from slot_attention import SlotAttention, SlotAttentionConfig
 
 # name -> (config class, model class, task kinds it fits). Adding a model is one row here.
 MODELS = {
@@ -45,10 +46,11 @@ MODELS = {
     "act": (ACTConfig, ACT, ("sequence",)),
     "universal_transformer": (UTConfig, UniversalTransformer, ("story", "tokens")),
     "transformer": (TransformerConfig, UniversalTransformer, ("story", "tokens")),  # universal=False
+    "slot_attention": (SlotAttentionConfig, SlotAttention, ("image",)),
 }
 
-# model fields that train.py sets from the task's spec, not from flags
-SIZED_BY_TASK = ("input_size", "output_size", "vocab_size", "sentence_length")
+# Model fields that model_config_for takes from task.spec (never flags): the data decides them.
+SIZED_BY_TASK = ("input_size", "output_size", "vocab_size", "sentence_length", "image_size", "in_channels")
 
 # The settings (training, model or task fields) that reproduce each result; flags override them.
 PRESETS = {
@@ -69,6 +71,15 @@ PRESETS = {
     **{(m, t): dict(d_model=64, d_ff=128, num_heads=4, dropout=0.0, max_iters=2000, batch_size=32, lr=1e-3,
                     eval_interval=500, log_interval=50)
        for m in ("universal_transformer", "transformer") for t in ("algo_copy", "algo_reverse", "algo_addition")},
+    # CPU scale (README): 32 x 32 sprites, encoder downsampling once, decoder from 8 x 8, batch 16;
+    # warm-up and halving as the paper (Appendix E.1) over a schedule short enough for a CPU, and
+    # Adam 1e-3 rather than the paper's 4e-4 (faster at this budget, README). Paper scale: README.
+    ("slot_attention", "sprites"): dict(num_slots=6, encoder_stride_layers=1, decoder_init_size=8, decoder_channels=16,
+                                        max_iters=4000, batch_size=16, lr=1e-3, warmup_iters=250,
+                                        lr_half_life=4000, eval_interval=250, log_interval=50),
+    ("slot_attention", "sprites_sets"): dict(num_slots=6, encoder_stride_layers=1, max_iters=2500,
+                                             batch_size=32, lr=4e-4, warmup_iters=200, lr_half_life=2500,
+                                             eval_interval=250, log_interval=50),
 }
 
 
@@ -78,7 +89,8 @@ class TrainConfig:
     batch_size: int = 32  # per process
     lr: float = 1e-3  # Adam
     decay_lr: bool = False  # cosine decay from lr to lr/10 over max_iters
-    warmup_iters: int = 0  # linear warm-up of the learning rate from 0 over this many steps (Transformers)
+    warmup_iters: int = 0  # linear warm-up of the learning rate from 0 over this many steps
+    lr_half_life: int = 0  # exponential decay: lr * 0.5 ** (iter / lr_half_life) (0 = off)
     grad_clip: float = 10.0  # clip the global gradient norm (0 = off)
     seed: int = 0
     device: str = "auto"  # auto picks cuda, then mps, then cpu
@@ -92,11 +104,9 @@ class TrainConfig:
     eval_only: bool = False  # evaluate <out_dir>/ckpt.pt and exit
 
     def __post_init__(self):
-        for name in ("max_iters", "batch_size", "eval_interval", "log_interval"):
-            if getattr(self, name) < (0 if name == "max_iters" else 1):
+        for name in ("max_iters", "batch_size", "eval_interval", "log_interval", "warmup_iters", "lr_half_life"):
+            if getattr(self, name) < (1 if name in ("batch_size", "eval_interval", "log_interval") else 0):
                 raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
-        if self.warmup_iters < 0:
-            raise ValueError(f"--warmup_iters must be >= 0, got {self.warmup_iters}")
         if not self.lr > 0 or self.grad_clip < 0:
             raise ValueError(f"--lr must be > 0 and --grad_clip >= 0, got {self.lr}, {self.grad_clip}")
 
@@ -236,11 +246,19 @@ def text_image(text, scale=2, width=None):
 
 
 def draw_panels(path, panels, max_width=1200, max_height=1600):
-    """panels: list of (label, 2-D tensor in [0, 1]) drawn top to bottom, each under its label."""
+    """panels: list of (label, tensor in [0, 1]) drawn top to bottom, each under its label: a 2-D
+    tensor as a heat map, an (H, W, 3) tensor as an RGB image."""
     cols = max(p.shape[1] for _, p in panels)
     rows = sum(p.shape[0] + 2 for _, p in panels)
     cell = max(2, min(16, max_width // max(cols, 1), max_height // rows))
-    images = [heatmap(p, cell) for _, p in panels]
+
+    def render(p):
+        if p.dim() == 2:
+            return heatmap(p, cell)
+        rgb = (p.float().clamp(0, 1) * 255).round().to(torch.uint8)
+        return rgb.repeat_interleave(cell, 0).repeat_interleave(cell, 1)
+
+    images = [render(p) for _, p in panels]
     width = max(img.shape[1] for img in images + [text_image(label) for label, _ in panels])
     stack = []
     for (label, _), img in zip(panels, images):
@@ -356,8 +374,9 @@ def evaluate(model, task, eval_data, device, autocast):
 
 
 def draw_figures(model, task, eval_data, out_dir, device, autocast):
-    """For each evaluation setting: target vs output (paper Fig. 4/5), and the model's
-    internals over time for one sequence (Fig. 6) where it has any."""
+    """For each evaluation setting: the task's panels (target vs output, NTM paper Fig. 4/5; images
+    and slots, Slot Attention Fig. 2), and for sequence tasks the model's internals over time for
+    one sequence (NTM Fig. 6) where it has any."""
     model.eval()
     for setting, batches in eval_data.items():
         batch = to_device(batches[0], device)
@@ -413,7 +432,8 @@ def main(argv=None):
                         f"use one of {', '.join(fitting)}")
     if ckpt:
         model_flags = split_flags(flags, model_cls_cfg)
-        clash = {k: v for k, v in model_flags.items() if ckpt["model_config"].get(k) != v}
+        clash = {k: v for k, v in model_flags.items()
+                 if k not in SIZED_BY_TASK and ckpt["model_config"].get(k) != v}
         if clash:
             raise UserError(f"{', '.join('--' + k for k in clash)} differ from the checkpoint in {out_dir}: "
                             "drop them or pass another --out_dir")
@@ -421,6 +441,11 @@ def main(argv=None):
     else:
         model_values = {**split_flags(preset, model_cls_cfg), **split_flags(flags, model_cls_cfg)}
         model_cfg = model_config_for(model_name, task, model_values)
+    if hasattr(task, "check_model"):  # a task that needs something of the model (e.g. enough slots)
+        try:
+            task.check_model(model_cfg)
+        except ValueError as e:
+            raise UserError(f"--model {model_name} does not fit --task {task_name}: {e}")
 
     torch.manual_seed(cfg.seed)
     model = model_cls(model_cfg).to(device)
@@ -498,12 +523,17 @@ def main(argv=None):
     t_last, seqs_since = time.time(), 0
     while iter_num < cfg.max_iters:
         t0 = time.time()
-        if cfg.decay_lr or cfg.warmup_iters:
-            progress = iter_num / max(cfg.max_iters, 1)
-            scale = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)) if cfg.decay_lr else 1.0
-            scale *= min(1.0, (iter_num + 1) / cfg.warmup_iters) if cfg.warmup_iters else 1.0
+        if cfg.decay_lr or cfg.warmup_iters or cfg.lr_half_life:
+            lr = cfg.lr
+            if cfg.decay_lr:
+                progress = iter_num / max(cfg.max_iters, 1)
+                lr *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+            if cfg.lr_half_life:  # Slot Attention, Appendix E.1: halve every 100k steps
+                lr *= 0.5 ** (iter_num / cfg.lr_half_life)
+            if iter_num < cfg.warmup_iters:  # Slot Attention, Appendix E.1: linear warm-up
+                lr *= (iter_num + 1) / cfg.warmup_iters
             for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * scale
+                group["lr"] = lr
         batch = to_device(task.train_batch(cfg.batch_size, data_gen), device)
         with autocast:
             logits, internals = model(batch["x"], **model_inputs(task, batch))

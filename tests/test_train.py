@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import train
-from train import UserError, main
+from train import MODELS, UserError, main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--max_len", "4", "--eval_lengths", "4,8", "--eval_samples", "16", "--batch_size", "4",
@@ -187,7 +187,7 @@ def test_the_command_line_prints_one_error_line_and_exits_non_zero(tmp_path):
     proc = subprocess.run([sys.executable, "train.py", "--model", "gpt", "--out_dir", out],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["error: unknown model 'gpt': choose one of ntm, lstm, act, universal_transformer, transformer"]
+    assert proc.stderr.strip().splitlines() == [f"error: unknown model 'gpt': choose one of {', '.join(MODELS)}"]
     assert not os.path.exists(out)
 
 
