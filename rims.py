@@ -143,7 +143,7 @@ class RIMs(nn.Module):
         """Eq. 1's attention over the rows [null, x_t]. key (B, dk) of x_t, h (B, M, S).
         Returns the attention on x_t (B, M); the null row gets 1 minus it."""
         query = per_module(h, self.input_query)  # (B, M, dk)
-        score = torch.einsum("bmd,bd->bm", query, key) / math.sqrt(self.config.input_key_size)
+        score = (query * key.unsqueeze(1)).sum(-1) / math.sqrt(self.config.input_key_size)  # q_k . k_x
         # softmax over the two scores [0 (null), score (input)] = sigmoid of their difference
         return torch.sigmoid(score)
 
@@ -181,8 +181,9 @@ class RIMs(nn.Module):
         query = per_module(h_cell, self.comm_query).view(B, M, H, dk)
         key, value = per_module(source, self.comm_key_value).split((H * dk, H * dv), dim=-1)
         key, value = key.reshape(B, M, H, dk), value.reshape(B, M, H, dv)
-        weights = torch.softmax(torch.einsum("bmhd,bnhd->bhmn", query, key) / math.sqrt(dk), dim=-1)  # (B, H, M, M)
-        heads = torch.einsum("bhmn,bnhd->bmhd", weights, value).reshape(B, M, H * dv)
+        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, H, M, d)
+        weights = torch.softmax(query @ key.transpose(-1, -2) / math.sqrt(dk), dim=-1)  # (B, H, M, M)
+        heads = (weights @ value).transpose(1, 2).reshape(B, M, H * dv)
         output, gate = (per_module(heads, self.comm_output_gate) + self.comm_output_gate_bias).split(self.module_size, -1)
         return h_cell + torch.sigmoid(gate) * torch.tanh(output)
 
