@@ -415,8 +415,9 @@ class CopyDelayConfig:
 class CopyDelay(SequenceTask):
     """Tokens: `length` symbols drawn uniformly from 1..num_symbols, then T - 1 blanks (0), the
     delimiter (num_symbols + 1), then `length` blanks during which the symbols must be reproduced
-    in order: length + T + length steps. Inputs are one-hot over the vocabulary (the model's input
-    maps embed them); targets are token ids, the blank everywhere but the recall positions.
+    in order: length + T + length steps. Inputs are one-hot over the symbols and the delimiter (the
+    model's input maps embed them); a blank is no input, a zero vector. Targets are token ids over
+    the whole vocabulary, the blank everywhere but the recall positions.
     Only the `length` recall positions are scored: averaged over all positions, a model that
     always answers blank would look almost perfect. Metrics: ce, the mean cross-entropy (nats)
     per recall position, and acc, the % of recalled symbols right."""
@@ -426,7 +427,7 @@ class CopyDelay(SequenceTask):
     def __init__(self, config, data_dir=None):
         super().__init__(config)
         self.vocab = config.num_symbols + 2
-        self.spec = {"kind": self.kind, "input_size": self.vocab, "output_size": self.vocab}
+        self.spec = {"kind": self.kind, "input_size": self.vocab - 1, "output_size": self.vocab}
         self.eval_settings = {str(t): {"delay": t} for t in config.eval_delays}
         self.bench_setting = str(config.delay)
 
@@ -444,7 +445,8 @@ class CopyDelay(SequenceTask):
         y[:, T - c.length:] = symbols
         mask = torch.zeros(B, T)
         mask[:, T - c.length:] = 1.0
-        return {"x": F.one_hot(tokens, self.vocab).float(), "y": y, "mask": mask}
+        x = F.one_hot(tokens, self.vocab)[..., 1:].float()  # the blank (token 0) is all zeros
+        return {"x": x, "y": y, "mask": mask}
 
     def loss(self, logits, batch):
         """Cross-entropy on the recall positions, mean per position."""

@@ -23,8 +23,9 @@ from train import UserError, main
 def test_copy_delay_layout_delimiter_and_targets():
     task = CopyDelay(CopyDelayConfig(length=3, delay=5, num_symbols=4))
     batch = task.make_batch(2, torch.Generator().manual_seed(0), delay=5)
-    tokens = batch["x"].argmax(-1)  # (B, 3 + 5 + 3)
-    assert batch["x"].shape == (2, 11, 6) and torch.equal(batch["x"].sum(-1), torch.ones(2, 11))  # one-hot
+    x = batch["x"]  # (B, 3 + 5 + 3, 4 symbols + delimiter): one-hot, a blank is all zeros
+    assert x.shape == (2, 11, 5) and set(x.sum(-1).flatten().tolist()) == {0.0, 1.0}
+    tokens = torch.where(x.sum(-1) > 0, x.argmax(-1) + 1, 0)
     symbols = tokens[:, :3]
     assert ((symbols >= 1) & (symbols <= 4)).all()
     assert (tokens[:, 3:7] == 0).all()  # T - 1 = 4 blanks
