@@ -47,8 +47,8 @@ Choices the paper leaves open, and what we do:
 
 Where the official code (github.com/anirudh9119/RIMs) differs: it builds the k_T cells as one
 dense LSTM of the total size with the off-diagonal blocks of its recurrent matrix zeroed, about k_T
-times the work of grouped weights; its communication uses key and value size 16 (the paper's Table 3
-says 32, which we use); its input attention also applies a top-k sparsification to the attention
+times the work of grouped weights; its communication uses key and value size 16 (we take 32 from
+the paper's Table 3); its input attention also applies a top-k sparsification to the attention
 rows, and its copying loss averages over all positions, not only the recalled ones.
 
 Reproduce: python train.py --model rims --task copy_delay ; python train.py --model rims --task seqmnist
@@ -59,7 +59,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 @dataclass

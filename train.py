@@ -62,12 +62,12 @@ PRESETS = {
     ("lstm", "copy_delay"): dict(hidden_size=120, num_layers=1, max_iters=2000, batch_size=32, lr=3e-3,
                                  grad_clip=1.0, eval_interval=250, log_interval=25),
     # RIMs paper, Table 1 (sequential MNIST): k_T = 6, k_A = 4 at hidden 600 for 100 epochs; this preset is
-    # a CPU-sized version (hidden 120, 500 steps of 32 images); the paper's command is in the README
+    # a CPU-sized version (hidden 120, 300 steps of 32 images); the paper's command is in the README
     ("rims", "seqmnist"): dict(hidden_size=120, input_key_size=32, input_value_size=32, comm_key_size=16,
-                               comm_value_size=16, max_iters=500, batch_size=32, lr=3e-3, grad_clip=1.0,
-                               eval_interval=100, log_interval=10, val_samples=2000, eval_samples=2000),
-    ("lstm", "seqmnist"): dict(hidden_size=120, num_layers=1, max_iters=500, batch_size=32, lr=3e-3, grad_clip=1.0,
-                               eval_interval=100, log_interval=10, val_samples=2000, eval_samples=2000),
+                               comm_value_size=16, max_iters=300, batch_size=32, lr=3e-3, grad_clip=1.0,
+                               eval_interval=100, log_interval=10, val_samples=1000, eval_samples=1000),
+    ("lstm", "seqmnist"): dict(hidden_size=120, num_layers=1, max_iters=300, batch_size=32, lr=3e-3, grad_clip=1.0,
+                               eval_interval=100, log_interval=10, val_samples=1000, eval_samples=1000),
     ("lstm", "addition"): dict(hidden_size=512, num_layers=1, max_iters=10000, batch_size=32, lr=1e-3,
                                eval_interval=1000, log_interval=50),
 }
