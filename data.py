@@ -20,12 +20,15 @@ Real datasets (bAbI) are downloaded from their canonical URL on first use, check
 read offline after that; a missing or corrupt file raises DataError (train.py prints one line).
 """
 
+import gzip
 import hashlib
 import math
 import os
 import shutil
+import struct
 import tarfile
 import urllib.request
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -54,10 +57,17 @@ class SequenceTask:
         return self.make_batch(batch_size, generator, **self.eval_settings[setting])
 
     def eval_data(self, chunk, generator):
-        """The fixed test set: {setting: [batches of at most chunk samples]}, eval_samples per setting."""
-        n = self.config.eval_samples
-        return {s: [self.eval_batch(s, min(chunk, n - i), generator) for i in range(0, n, chunk)]
-                for s in self.eval_settings}
+        """The fixed test set: {setting: [batches of at most chunk samples]}, eval_count(setting) each."""
+        return {s: [self.eval_batch(s, min(chunk, self.eval_count(s) - i), generator)
+                    for i in range(0, self.eval_count(s), chunk)] for s in self.eval_settings}
+
+    def eval_count(self, setting):
+        """How many test samples the setting has."""
+        return self.config.eval_samples
+
+    def metric_key(self, metric, setting):
+        """The name metrics.json gives a metric measured on a setting."""
+        return f"{metric}@{setting}"
 
     def loss(self, logits, batch):
         """Binary cross-entropy on the scored positions, mean per scored bit."""
@@ -403,37 +413,115 @@ class Addition(SequenceTask):
 
 
 # ----------------------------------------------------------------------------------------------
+# RIMs paper (Goyal et al. 2019, arXiv:1909.10893), section 4.1 and Table 1: copying over a delay
+
+@dataclass
+class CopyDelayConfig:
+    num_symbols: int = 8  # symbols 1..8 (0 is the blank, num_symbols + 1 the delimiter)
+    length: int = 10  # symbols to remember and reproduce
+    delay: int = 50  # T, Table 1: trained with T = 50
+    eval_delays: tuple = (50, 200)  # Table 1: tested with T = 200
+    eval_samples: int = 512  # test sequences per delay
+
+    def __post_init__(self):
+        _check_positive(self, "num_symbols", "length", "delay", "eval_samples")
+        if not self.eval_delays or min(self.eval_delays) < 1:
+            raise ValueError(f"eval_delays must be positive, got {self.eval_delays}")
+
+
+class CopyDelay(SequenceTask):
+    """Tokens: `length` symbols drawn uniformly from 1..num_symbols, then T - 1 blanks (0), the
+    delimiter (num_symbols + 1), then `length` blanks during which the symbols must be reproduced
+    in order: length + T + length steps. Inputs are one-hot over the symbols and the delimiter (the
+    model's input maps embed them); a blank is no input, a zero vector. Targets are token ids over
+    the whole vocabulary, the blank everywhere but the recall positions.
+    Only the `length` recall positions are scored: averaged over all positions, a model that
+    always answers blank would look almost perfect. Metrics: ce, the mean cross-entropy (nats)
+    per recall position, and acc, the % of recalled symbols right."""
+
+    metric = "acc"
+
+    def __init__(self, config, data_dir=None):
+        super().__init__(config)
+        self.vocab = config.num_symbols + 2
+        self.spec = {"kind": self.kind, "input_size": self.vocab - 1, "output_size": self.vocab}
+        self.eval_settings = {str(t): {"delay": t} for t in config.eval_delays}
+        self.bench_setting = str(config.delay)
+
+    def sample_train_setting(self, generator):
+        return {"delay": self.config.delay}
+
+    def make_batch(self, batch_size, generator, delay):
+        c, B = self.config, batch_size
+        T = c.length + delay + c.length
+        symbols = torch.randint(1, c.num_symbols + 1, (B, c.length), generator=generator)
+        tokens = torch.zeros(B, T, dtype=torch.long)
+        tokens[:, : c.length] = symbols
+        tokens[:, c.length + delay - 1] = c.num_symbols + 1  # the delimiter, after T - 1 blanks
+        y = torch.zeros(B, T, dtype=torch.long)
+        y[:, T - c.length:] = symbols
+        mask = torch.zeros(B, T)
+        mask[:, T - c.length:] = 1.0
+        x = F.one_hot(tokens, self.vocab)[..., 1:].float()  # the blank (token 0) is all zeros
+        return {"x": x, "y": y, "mask": mask}
+
+    def loss(self, logits, batch):
+        """Cross-entropy on the recall positions, mean per position."""
+        ce = F.cross_entropy(logits.float().transpose(1, 2), batch["y"], reduction="none")  # (B, T)
+        return (ce * batch["mask"]).sum() / batch["mask"].sum()
+
+    def metrics(self, logits, batch, internals):
+        mask = batch["mask"]
+        ce = F.cross_entropy(logits.float().transpose(1, 2), batch["y"], reduction="none")
+        right = (logits.argmax(-1) == batch["y"]).float()
+        per_seq = mask.sum(1)
+        return {"ce": ((ce * mask).sum(1) / per_seq).sum().item(),
+                "acc": 100.0 * ((right * mask).sum(1) / per_seq).sum().item(), "count": logits.shape[0]}
+
+    def figure_panels(self, logits, batch, internals, index=0):
+        """Input tokens over time, then target and output distributions over the recall positions."""
+        keep = batch["mask"][index] > 0
+        target = F.one_hot(batch["y"][index][keep], self.vocab).float().T
+        return [("input tokens", batch["x"][index].T), ("target", target),
+                ("output", torch.softmax(logits[index].float(), -1)[keep].T)]
+
+
+# ----------------------------------------------------------------------------------------------
 # Datasets on disk: fetched once, verified, then read offline.
 
-def sha256_of(path):
-    digest = hashlib.sha256()
+DEFAULT_DATA_DIR = os.path.join(os.path.expanduser("~"), ".cache", "nanosystem2")
+
+
+def file_digest(path, algorithm="sha256"):
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
 
 
-def download(url, sha256, path):
-    """Fetch url to path unless it is already there; raise DataError unless its sha256 matches.
-    Written whole or not at all: a failed or corrupt download leaves nothing at path."""
+def download(url, path, digest, algorithm="sha256"):
+    """Fetch url to path unless it is already there; raise DataError unless its digest (sha256 or
+    md5, as the dataset publishes it) matches. Written whole or not at all: a failed or corrupt
+    download leaves nothing at path."""
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tmp = f"{path}.part"
         try:
-            with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
-                shutil.copyfileobj(response, f)
+            urllib.request.urlretrieve(url, tmp)
         except OSError as e:
             if os.path.exists(tmp):
                 os.remove(tmp)
-            raise DataError(f"could not download {url} ({e}): fetch it by hand, unpack it and pass --data_dir")
-        found = sha256_of(tmp)
-        if found != sha256:
+            raise DataError(f"could not download {url} ({e}): fetch it by hand into {os.path.dirname(path)} "
+                            "or pass --data_dir to a verified copy")
+        found = file_digest(tmp, algorithm)
+        if found != digest:
             os.remove(tmp)
-            raise DataError(f"{url} has sha256 {found}, expected {sha256}: the download is corrupt or changed; "
-                            "try again, or pass --data_dir to a verified unpacked copy")
+            raise DataError(f"{url} has {algorithm} {found}, expected {digest} (wrong {algorithm}): the download "
+                            "is corrupt or changed; try again, or pass --data_dir to a verified copy")
         os.replace(tmp, path)
-    elif sha256_of(path) != sha256:
-        raise DataError(f"{path} does not have sha256 {sha256}: delete it to download it again")
+    elif file_digest(path, algorithm) != digest:
+        raise DataError(f"{path} does not have {algorithm} {digest} (wrong {algorithm}): delete it to download it again")
     return path
 
 
@@ -538,7 +626,7 @@ class Babi:
         folder = os.path.join(root, config.split)
         if not os.path.isdir(folder):  # first use: fetch the official tarball into root
             try:
-                archive = download(BABI_URL, BABI_SHA256, os.path.join(root, "tasks_1-20_v1-2.tar.gz"))
+                archive = download(BABI_URL, os.path.join(root, "tasks_1-20_v1-2.tar.gz"), BABI_SHA256)
             except DataError as e:
                 raise DataError(f"no {config.split}/ folder in {root} (--data_dir) and no bAbI there to unpack: {e}")
             extract_tar(archive, root, "tasks_1-20_v1-2/", ("en/", "en-10k/"))
@@ -734,6 +822,9 @@ class AlgoAddition(Algorithmic):
         y = total.flip(1)  # right-aligned: place 10^k at position L - 1 - k
         mask = (column.flip(0) < torch.maximum(left, right) + 1).float()
         return x, y, mask
+
+
+# ----------------------------------------------------------------------------------------------
 # Slot Attention (Locatello et al. 2020, arXiv:2006.15055): multi-object sprites, generated here.
 # Like Multi-dSprites (section 4.1): 2-5 shapes of several colours, sizes, positions and
 # orientations, drawn in painter's order so later objects occlude earlier ones.
@@ -1060,6 +1151,169 @@ class SpritesSets(Sprites):
 
 
 # ----------------------------------------------------------------------------------------------
+# MNIST from its four IDX files: downloaded once, checksum-verified, read offline afterwards
+
+MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"  # the mirror torchvision reads
+MNIST_FILES = {  # name -> md5 of the gzipped file (the values in torchvision's mnist.py)
+    "train-images-idx3-ubyte": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "train-labels-idx1-ubyte": "d53e105ee54ea40749a09fcbcd1e9432",
+    "t10k-images-idx3-ubyte": "9fb629c4189551a2d022fa330f9573f3",
+    "t10k-labels-idx1-ubyte": "ec29112dd5afa0611ce80d1b7f02629c",
+}
+
+
+def read_idx(path):
+    """An IDX file (gzipped or raw) -> uint8 tensor of the shape its header gives."""
+    try:
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rb") as f:
+            data = f.read()
+        zero, dtype, ndim = struct.unpack(">HBB", data[:4])
+        if zero != 0 or dtype != 0x08:
+            raise ValueError("not an IDX file of unsigned bytes")
+        shape = struct.unpack(f">{ndim}I", data[4: 4 + 4 * ndim])
+        count = math.prod(shape)
+        if len(data) != 4 + 4 * ndim + count:
+            raise ValueError(f"{len(data) - 4 - 4 * ndim} bytes of data for shape {shape}: truncated")
+    except (OSError, EOFError, ValueError, struct.error, zlib.error) as e:
+        raise DataError(f"{path} is not a readable IDX file ({e}): delete it and fetch it again")
+    return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).view(*shape)
+
+
+def dataset_file(data_dir, name, md5, url):
+    """The path of `name` (or `name`.gz) in data_dir; the gzipped file is downloaded from url if neither
+    is there. A gzipped file must have the md5 given; a raw one is checked by its IDX header."""
+    raw, packed = os.path.join(data_dir, name), os.path.join(data_dir, name + ".gz")
+    if os.path.exists(packed):
+        if file_digest(packed, "md5") != md5:
+            raise DataError(f"{packed} has the wrong md5 (corrupt or another file): delete it to "
+                               f"download it again, or fix --data_dir")
+        return packed
+    if os.path.exists(raw):
+        return raw
+    download(url + name + ".gz", packed, md5, "md5")
+    return packed
+
+
+def load_mnist(data_dir=None, split="train"):
+    """MNIST's images (N, 28, 28) uint8 and labels (N,) int64, split 'train' (60,000) or 'test'
+    (10,000), from the IDX files in data_dir (default ~/.cache/nanosystem2/mnist); a missing file
+    is downloaded from MNIST_URL and its md5 checked."""
+    folder = data_dir or os.path.join(DEFAULT_DATA_DIR, "mnist")
+    prefix = {"train": "train", "test": "t10k"}[split]
+    images, labels = (read_idx(dataset_file(folder, f"{prefix}-{kind}", MNIST_FILES[f"{prefix}-{kind}"], MNIST_URL))
+                      for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"))
+    if images.dim() != 3 or labels.dim() != 1 or len(images) != len(labels):
+        raise DataError(f"the MNIST {split} files in {folder} do not match (images {tuple(images.shape)}, "
+                           f"labels {tuple(labels.shape)}): delete them and fetch them again")
+    return images, labels.long()
+
+
+def binarise_and_resize(images, size, threshold=0.5):
+    """uint8 images (N, 28, 28) -> {0, 1} float images (N, size, size): pixels above threshold * 255
+    are 1, then nearest-neighbour resizing (torch's 'nearest-exact', pixel centres), so every pixel
+    stays 0 or 1. The same function makes the training and the test resolutions."""
+    binary = (images.float() > threshold * 255).float().unsqueeze(1)  # (N, 1, 28, 28)
+    return F.interpolate(binary, size=(size, size), mode="nearest-exact").squeeze(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# RIMs paper, section 4.1 and Table 1: sequential MNIST at resolutions not seen in training
+
+@dataclass
+class SeqMNISTConfig:
+    resolution: int = 14  # Table 1: trained at 14 x 14
+    eval_resolutions: tuple = (16, 19, 24)  # Table 1: tested at 16, 19, 24 (and 14)
+    threshold: float = 0.5  # binarise: pixel > threshold * 255
+    val_size: int = 12000  # 48k / 12k train / validation split of the 60k training images
+    train_size: int = 0  # use only this many of the 48k training images (0 = all)
+    eval_samples: int = 10000  # test images per resolution (the first ones of the test set)
+    val_samples: int = 12000  # validation images used to select the checkpoint
+
+    def __post_init__(self):
+        _check_positive(self, "resolution", "val_size", "eval_samples", "val_samples")
+        if not 0 < self.threshold < 1:
+            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+        if self.val_size >= 60000 or self.train_size < 0 or self.val_samples > self.val_size:
+            raise ValueError("need val_size < 60000, train_size >= 0 and val_samples <= val_size")
+        if min(self.eval_resolutions, default=1) < 1 or self.eval_samples > 10000:
+            raise ValueError("eval_resolutions must be positive and eval_samples at most 10000")
+
+
+class SeqMNIST(SequenceTask):
+    """Binarised MNIST digits read one pixel per step in row-major order (R * R steps, input size 1),
+    classified from the output at the last step. Trained at `resolution`; the validation split (the
+    same resolution) selects the checkpoint; the test set is read at every resolution for the final
+    report. Metrics: acc@R, % of test images right at R x R, and val_acc@R on the validation split."""
+
+    metric = "acc"
+
+    def __init__(self, config, data_dir=None):
+        super().__init__(config)
+        c = config
+        self.spec = {"kind": self.kind, "input_size": 1, "output_size": 10}
+        images, labels = load_mnist(data_dir, "train")
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))  # a fixed split
+        val, train = order[: c.val_size], order[c.val_size:]
+        train = train[: c.train_size] if c.train_size else train
+        self.train_images, self.train_labels = binarise_and_resize(images[train], c.resolution, c.threshold), labels[train]
+        self.val_images = binarise_and_resize(images[val[: c.val_samples]], c.resolution, c.threshold)
+        self.val_labels = labels[val[: c.val_samples]]
+        test_images, self.test_labels = load_mnist(data_dir, "test")
+        test_images, self.test_labels = test_images[: c.eval_samples], self.test_labels[: c.eval_samples]
+        resolutions = sorted({c.resolution, *c.eval_resolutions})
+        self.test_images = {r: binarise_and_resize(test_images, r, c.threshold) for r in resolutions}
+        # the validation setting first: train.py evaluates the settings named in selection_settings
+        # during training and all of them for the final report
+        self.eval_settings = {f"val{c.resolution}": {}, **{str(r): {} for r in resolutions}}
+        self.selection_settings = (f"val{c.resolution}",)
+        self.selection_metric = f"val_acc@{c.resolution}"
+        self.bench_setting = str(c.resolution)
+        self.eval_cursor = {}
+
+    def eval_count(self, setting):
+        return len(self.val_labels) if setting.startswith("val") else len(self.test_labels)
+
+    def metric_key(self, metric, setting):
+        """'acc' on 'val14' -> 'val_acc@14'; on '16' -> 'acc@16'."""
+        return f"val_{metric}@{setting[3:]}" if setting.startswith("val") else f"{metric}@{setting}"
+
+    def as_batch(self, images, labels):
+        B, R, _ = images.shape
+        mask = torch.zeros(B, R * R)
+        mask[:, -1] = 1.0  # classified from the last step
+        return {"x": images.reshape(B, R * R, 1), "y": labels, "mask": mask}
+
+    def train_batch(self, batch_size, generator):
+        index = torch.randint(0, len(self.train_labels), (batch_size,), generator=generator)
+        return self.as_batch(self.train_images[index], self.train_labels[index])
+
+    def eval_batch(self, setting, batch_size, generator):
+        """The next batch_size images of the setting's fixed set (validation or test), in order."""
+        images, labels = ((self.val_images, self.val_labels) if setting.startswith("val")
+                          else (self.test_images[int(setting)], self.test_labels))
+        start = self.eval_cursor.get(setting, 0) % len(labels)
+        self.eval_cursor[setting] = start + batch_size
+        return self.as_batch(images[start: start + batch_size], labels[start: start + batch_size])
+
+    def loss(self, logits, batch):
+        return F.cross_entropy(logits[:, -1].float(), batch["y"])
+
+    def metrics(self, logits, batch, internals):
+        right = (logits[:, -1].argmax(-1) == batch["y"]).float().sum().item()
+        return {"acc": 100.0 * right, "count": logits.shape[0]}
+
+    def figure_panels(self, logits, batch, internals, index=0):
+        """The digit, then for each module the steps it was active at, laid out as the image."""
+        R = math.isqrt(batch["x"].shape[1])
+        panels = [("digit", batch["x"][index].view(R, R))]
+        if "active_modules" in internals:
+            active = internals["active_modules"][index].T.reshape(-1, R, R)  # (M, R, R)
+            panels += [(f"module {m} active", a) for m, a in enumerate(active)]
+        return panels
+
+
+# ----------------------------------------------------------------------------------------------
 
 TASKS = {  # name -> (config class, task class)
     "copy": (CopyConfig, Copy),
@@ -1073,4 +1327,6 @@ TASKS = {  # name -> (config class, task class)
     "algo_addition": (AlgorithmicConfig, AlgoAddition),
     "sprites": (SpritesConfig, Sprites),
     "sprites_sets": (SpritesConfig, SpritesSets),
+    "copy_delay": (CopyDelayConfig, CopyDelay),
+    "seqmnist": (SeqMNISTConfig, SeqMNIST),
 }

@@ -135,7 +135,7 @@ def test_first_use_downloads_verifies_and_unpacks_the_tarball(tmp_path, monkeypa
     assert not os.path.exists(tmp_path / "other" / "tasks_1-20_v1-2.tar.gz")
     assert not os.path.exists(tmp_path / "other" / "tasks_1-20_v1-2.tar.gz.part")
     with pytest.raises(DataError, match="does not have sha256"):  # a cached archive that changed
-        download(tarball.as_uri(), "0" * 64, str(root / "tasks_1-20_v1-2.tar.gz"))
+        download(tarball.as_uri(), str(root / "tasks_1-20_v1-2.tar.gz"), "0" * 64)
 
 
 def test_a_failed_download_says_which_folder_was_missing_and_writes_nothing(tmp_path, monkeypatch):
