@@ -13,7 +13,9 @@ A batch is a dict of tensors. Sequence tasks give x (B, T, in), targets y (B, T,
 mask (B, T), 1 where the model is scored. Everything is generated on the fly from a torch.Generator, so
 the same seed gives the same data. Add a task: write its class here and add it to TASKS.
 Optional hooks: `model_inputs`, the batch keys the model takes as keyword tensors beside x (e.g. a
-padding mask); `eval_data(chunk, generator)`, the fixed evaluation batches (a dataset's test file);
+padding mask); `eval_data(chunk, generator)`, the evaluation batches when they come from a dataset's
+test files rather than eval_batch; `eval_count(setting)`, the samples per setting (default eval_samples);
+`metric_key(metric, setting)`, the metrics.json name (default '<metric>@<setting>');
 `summary(results)`, metrics over all settings (e.g. bAbI's mean error).
 
 Real datasets (bAbI) are downloaded from their canonical URL on first use, checksum-verified, and
@@ -55,19 +57,6 @@ class SequenceTask:
 
     def eval_batch(self, setting, batch_size, generator):
         return self.make_batch(batch_size, generator, **self.eval_settings[setting])
-
-    def eval_data(self, chunk, generator):
-        """The fixed test set: {setting: [batches of at most chunk samples]}, eval_count(setting) each."""
-        return {s: [self.eval_batch(s, min(chunk, self.eval_count(s) - i), generator)
-                    for i in range(0, self.eval_count(s), chunk)] for s in self.eval_settings}
-
-    def eval_count(self, setting):
-        """How many test samples the setting has."""
-        return self.config.eval_samples
-
-    def metric_key(self, metric, setting):
-        """The name metrics.json gives a metric measured on a setting."""
-        return f"{metric}@{setting}"
 
     def loss(self, logits, batch):
         """Binary cross-entropy on the scored positions, mean per scored bit."""

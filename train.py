@@ -367,6 +367,17 @@ def model_inputs(task, batch):
     return {k: batch[k] for k in getattr(task, "model_inputs", ())}
 
 
+def fixed_eval_data(task, chunk):
+    """The evaluation batches, {setting: [batches of at most chunk samples]}: generated from the fixed
+    seed 1234, the same for every run and every training seed, or the task's own test files."""
+    generator = torch.Generator().manual_seed(1234)
+    if hasattr(task, "eval_data"):  # e.g. bAbI: every question of the test files, in order
+        return task.eval_data(chunk, generator)
+    count = getattr(task, "eval_count", lambda setting: task.config.eval_samples)
+    return {s: [task.eval_batch(s, min(chunk, count(s) - i), generator) for i in range(0, count(s), chunk)]
+            for s in task.eval_settings}
+
+
 @torch.no_grad()
 def evaluate(model, task, eval_data, device, autocast):
     """Mean of the task's metrics over each evaluation setting -> {'<metric>@<setting>': value}."""
@@ -381,7 +392,8 @@ def evaluate(model, task, eval_data, device, autocast):
             for key, value in task.metrics(logits, batch, internals).items():
                 totals[key] = totals.get(key, 0) + value
         count = totals.pop("count")
-        results.update({task.metric_key(key, setting): value / count for key, value in totals.items()})
+        name = getattr(task, "metric_key", lambda metric, setting: f"{metric}@{setting}")
+        results.update({name(key, setting): value / count for key, value in totals.items()})
     if hasattr(task, "summary"):  # metrics over every setting, e.g. bAbI's mean error
         results.update(task.summary(results))
     model.train()
@@ -472,7 +484,7 @@ def main(argv=None):
     autocast = autocast_for(device_type)
 
     # evaluation data: fixed seeds, the same for every run and every training seed
-    eval_data = task.eval_data(cfg.batch_size * 8, torch.Generator().manual_seed(1234))
+    eval_data = fixed_eval_data(task, cfg.batch_size * 8)
     # tasks with a validation split (e.g. seqmnist) evaluate only it during training, keep the
     # checkpoint that scores best on it and report every setting (the test sets) for that one
     selection = getattr(task, "selection_metric", None)
