@@ -1073,23 +1073,43 @@ class SpritesSets(Sprites):
             raise ValueError(f"{num_slots} slots cannot predict up to {y.shape[1]} objects: raise num_slots")
         return F.pad(y, (0, 0, 0, num_slots - y.shape[1]))  # (B, K, P)
 
-    def loss(self, predictions, batch):
-        """Huber loss summed over properties, mean over slots and images, after Hungarian matching."""
-        predictions = predictions.float()
+    def matched(self, predictions, batch):
+        """Hungarian matching on the Huber cost. Returns the pair costs (B, K predictions, K targets),
+        the targets (B, K, P) and, for each prediction, the target it is matched to (B, K)."""
         y = self.targets(batch, predictions.shape[1]).to(predictions.device)
         pair_cost = F.smooth_l1_loss(predictions.unsqueeze(2).expand(-1, -1, y.shape[1], -1),
                                      y.unsqueeze(1).expand(-1, predictions.shape[1], -1, -1),
-                                     reduction="none").sum(-1)  # (B, K predictions, K targets)
+                                     reduction="none").sum(-1)
         cost = pair_cost.detach().cpu()
-        match = torch.stack([hungarian(cost[b]) for b in range(len(cost))]).to(predictions.device)  # (B, K)
+        match = torch.stack([hungarian(cost[b]) for b in range(len(cost))]).to(predictions.device)
+        return pair_cost, y, match
+
+    def loss(self, predictions, batch):
+        """Huber loss summed over properties, mean over slots and images, after Hungarian matching."""
+        pair_cost, _, match = self.matched(predictions.float(), batch)
         return pair_cost.gather(2, match.unsqueeze(-1)).mean()
 
     def metrics(self, predictions, batch, internals):
-        """AP per threshold over this batch's images, times the count (train.py divides by it)."""
+        """AP per threshold over this batch's images, times the count (train.py divides by it); and,
+        for diagnosis, per image the % of its objects whose matched slot has the right shape,
+        colour and size class, and the mean distance of the matched centres (units of 1/6 side)."""
         predictions = predictions.float().cpu()
+        batch = {k: v.cpu() for k, v in batch.items()}
         count = len(predictions)
-        return {f"ap@{name}": 100 * count * self.average_precision(predictions, batch, t)
-                for name, t in self.thresholds.items()} | {"count": count}
+        result = {f"ap@{name}": 100 * count * self.average_precision(predictions, batch, t)
+                  for name, t in self.thresholds.items()}
+        _, y, match = self.matched(predictions, batch)
+        matched = torch.zeros_like(y).scatter_(1, match.unsqueeze(-1).expand_as(y), predictions)  # row j: for target j
+        exists = y[..., -1]
+        objects = exists.sum(1)
+        offset = 2
+        for name, k in self.fields:
+            right = matched[..., offset:offset + k].argmax(-1) == y[..., offset:offset + k].argmax(-1)
+            result[f"{name}_acc"] = (100 * (right * exists).sum(1) / objects).sum().item()
+            offset += k
+        distance = 6 * (matched[..., :2] - y[..., :2]).norm(dim=-1)
+        result["position_err"] = ((distance * exists).sum(1) / objects).sum().item()
+        return result | {"count": count}
 
     def average_precision(self, predictions, batch, threshold):
         """The official CLEVR set-prediction AP: all predictions of all images, by descending

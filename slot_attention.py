@@ -37,10 +37,12 @@ Choices the paper leaves open, and what we do:
   sprites, see README) the encoder downsamples once (encoder_stride_layers) and the decoder starts
   at 8 x 8 and upsamples with stride-2 transposed convolutions, as the paper's CLEVR decoder does.
   decoder_init_size = image_size gives the Multi-dSprites decoder (broadcast at full size, stride 1).
-- Slot init: mu and log sigma are created with Xavier-uniform like the official code (glorot
-  uniform on a (1, 1, D) tensor) and are nn.Parameters: both get gradient through the
-  reparameterised sample slots = mu + exp(log sigma) * noise (several public ports miss this).
-- Evaluation uses the same random slot init as training (the paper does; the official code too).
+- Slot init: mu and log sigma are nn.Parameters, both get gradient through the reparameterised
+  sample slots = mu + exp(log sigma) * noise (several public ports miss this). Both start
+  Xavier-uniform as in the official code (glorot uniform on a (1, 1, D) tensor), but PyTorch counts
+  the fans of that shape differently: our bound is sqrt(3 / D), TF's sqrt(6 / (1 + D)).
+- Evaluation samples the initial slots as training does (as the official code does), so two
+  evaluations of one checkpoint differ slightly.
 - implicit_grad (Chang et al. 2022, "Object Representations as Fixed Points", arXiv:2207.00787):
   the first T - 1 iterations run, the slots are detached, and only the last iteration is
   differentiated (first-order implicit gradient). Our addition: the gradient that reaches the last
@@ -53,6 +55,8 @@ the slot size; we do the same.
 
 Reproduce: python train.py --model slot_attention --task sprites          (object discovery, FG-ARI)
            python train.py --model slot_attention --task sprites_sets     (set prediction, AP)
+(CPU-scale presets on generated sprites; the measured numbers, and the paper-scale commands, are in
+the README: at CPU scale neither result is reproduced.)
 """
 
 import math

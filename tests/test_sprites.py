@@ -183,14 +183,19 @@ def test_ap_is_100_for_perfect_predictions_and_falls_with_distance_and_wrong_cla
     result = task.metrics(predictions, batch, {})
     assert result["count"] == 8
     assert all(result[f"ap@{t}"] == pytest.approx(800.0) for t in ("inf", "1", "0.5", "0.25", "0.125"))
+    assert result["shape_acc"] == result["colour_acc"] == result["size_acc"] == pytest.approx(800.0)
+    assert result["position_err"] == pytest.approx(0.0, abs=1e-5)
     shifted = predictions.clone()
     shifted[..., 0] += 0.3 / 6  # every centre 0.3 units off: right at 0.5 and above, wrong below
     result = task.metrics(shifted, batch, {})
     assert result["ap@0.5"] == pytest.approx(800.0) and result["ap@0.25"] == 0.0
+    assert result["position_err"] == pytest.approx(8 * 0.3, abs=1e-4)  # 0.3 units per image, summed
     wrong = predictions.clone()
     wrong[..., 2:6] = wrong[..., 2:6].roll(1, dims=-1)  # every object's shape wrong: only the slots
-    wrong_ap = task.metrics(wrong, batch, {})["ap@inf"]   # left empty (confidence 0) can still hit
-    assert wrong_ap < 0.1 * 800
+    wrong_result = task.metrics(wrong, batch, {})  # left empty (confidence 0) can still hit
+    assert wrong_result["ap@inf"] < 0.1 * 800
+    # (the matching may now pair a few objects differently, so not exactly 0 and 100 %)
+    assert wrong_result["shape_acc"] < 0.1 * 800 and wrong_result["colour_acc"] > 0.9 * 800
 
 
 def test_ap_by_hand_one_true_and_one_false_positive_ranked_by_confidence():
