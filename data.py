@@ -16,6 +16,7 @@ the same seed gives the same data. Add a task: write its class here and add it t
 
 import gzip
 import hashlib
+import itertools
 import math
 import os
 import struct
@@ -51,6 +52,10 @@ class SequenceTask:
     def metric_key(self, metric, setting):
         """The name metrics.json gives a metric measured on a setting."""
         return f"{metric}@{setting}"
+
+    def finish_metrics(self, totals, count):
+        """The sums of metrics() over a setting's batches -> final values: here means per sample."""
+        return {key: value / count for key, value in totals.items()}
 
     def loss(self, logits, batch):
         """Binary cross-entropy on the scored positions, mean per scored bit."""
@@ -664,6 +669,115 @@ class SeqMNIST(SequenceTask):
 
 
 # ----------------------------------------------------------------------------------------------
+# Neural Production Systems (Goyal et al. 2021, arXiv:2103.01937), section 4.1: arithmetic, as the
+# official code defines it (synthetic/data.py and synthetic/main.py of anirudh9119/neural_production_systems)
+
+OPERATIONS = ("+", "-", "*")
+
+
+@dataclass
+class ArithmeticConfig:
+    length: int = 20  # official: sequences of 20 steps
+    train_sequences: int = 10000  # official: 10k training sequences (ArithmeticData(10000, 20))
+    data_seed: int = 0  # the fixed training set is drawn from this seed, the same for every run
+    eval_lengths: tuple = (10, 20, 30, 40, 50)  # evaluated autoregressively at these lengths
+    eval_samples: int = 2000  # official: 2k validation sequences
+
+    def __post_init__(self):
+        _check_positive(self, "length", "train_sequences", "eval_samples")
+        if not self.eval_lengths or min(self.eval_lengths) < 1:
+            raise ValueError(f"eval_lengths must be positive, got {self.eval_lengths}")
+
+
+class Arithmetic(SequenceTask):
+    """y_0 = 0; at step t a number d_t = U(0, 1) rounded to two decimals and an operation o_t uniform over
+    +, -, * give y_t = y_{t-1} o_t d_t. Input x_t = [y_{t-1}, d_t, one-hot o_t], target y_t. Slot models get
+    two slots, [y_{t-1}] and [d_t, o_t]: the official model has three ([y_{t-1}], [d_t], [o_t]) and picks two
+    operand slots after the rule, but a rule that reads a primary and one contextual slot (the paper's form)
+    could then never see both numbers and the operation, so the operation travels with its number.
+    The first channel is fed back (spec feedback_size): it holds the true y_{t-1} in training (teacher
+    forcing) and models write their own previous output into it at evaluation (autoregression).
+    Metrics: mse, the sum over the steps of the squared error, mean over sequences (the official eval's
+    sum over steps of the per-step MSE); rule_purity, for models that report the rule used at each step."""
+
+    kind = "autoregressive"
+    metric = "mse"
+    bench_setting = "20"
+    rule_columns = 64  # the most rules rule_purity counts
+
+    def __init__(self, config, data_dir=None):
+        super().__init__(config)
+        # two slots, [y_{t-1}] and [d_t, o_t]: see the docstring
+        self.spec = {"kind": self.kind, "input_size": 5, "output_size": 1, "input_groups": (1, 4),
+                     "feedback_size": 1}
+        self.eval_settings = {str(n): {"length": n} for n in config.eval_lengths}
+        self.train_set = self.make_batch(config.train_sequences, torch.Generator().manual_seed(config.data_seed),
+                                         config.length)
+
+    def train_batch(self, batch_size, generator):
+        pick = torch.randint(0, self.config.train_sequences, (batch_size,), generator=generator)
+        return {k: v[pick] for k, v in self.train_set.items()}
+
+    def make_batch(self, batch_size, generator, length):
+        numbers = (torch.rand(batch_size, length, generator=generator, dtype=torch.float64) * 100).round() / 100
+        ops = torch.randint(0, 3, (batch_size, length), generator=generator)
+        y = torch.zeros(batch_size, length + 1, dtype=torch.float64)  # y[:, 0] = y_0 = 0
+        for t in range(length):
+            prev, d = y[:, t], numbers[:, t]
+            y[:, t + 1] = torch.where(ops[:, t] == 0, prev + d, torch.where(ops[:, t] == 1, prev - d, prev * d))
+        x = torch.cat([y[:, :-1, None], numbers[..., None], F.one_hot(ops, 3).double()], -1).float()
+        return {"x": x, "y": y[:, 1:, None].float(), "mask": torch.ones(batch_size, length), "op": ops}
+
+    def loss(self, logits, batch):
+        """Mean squared error per step (official: nn.MSELoss over every step, teacher-forced)."""
+        return F.mse_loss(logits.float(), batch["y"])
+
+    def metrics(self, logits, batch, internals):
+        squared = (logits.float() - batch["y"]).pow(2).sum((1, 2))  # (B,), summed over the steps
+        result = {"mse": squared.sum().item(), "count": logits.shape[0]}
+        if "rules" in internals:  # operation x rule counts, of the first rule applied at each step
+            rules = internals["rules"][..., 0].long().cpu().clamp(max=self.rule_columns - 1)
+            counts = torch.zeros(3, self.rule_columns)
+            counts.index_put_((batch["op"].cpu().reshape(-1), rules.reshape(-1)), torch.ones(rules.numel()),
+                              accumulate=True)
+            result["op_rule_counts"] = counts
+        return result
+
+    def finish_metrics(self, totals, count):
+        result = {"mse": totals["mse"] / count}
+        if "op_rule_counts" in totals:
+            result["rule_purity"] = rule_purity(totals["op_rule_counts"])
+        return result
+
+    def figure_panels(self, logits, batch, internals, index=0):
+        """Target and output over the steps of one sequence (one scale), and, for models that report
+        rules, the operation x rule count matrix over the batch (rows +, -, *; each row normalised)."""
+        target, output = batch["y"][index, :, 0], logits[index, :, 0].float()
+        low, high = min(target.min(), output.min()), max(target.max(), output.max())
+        scale = lambda v: ((v - low) / (high - low).clamp(min=1e-8)).unsqueeze(0)
+        panels = [("target y_t", scale(target)), ("output", scale(output))]
+        if "rules" in internals:
+            counts = self.metrics(logits, batch, internals)["op_rule_counts"]
+            used = int(internals["rules"].max()) + 1
+            panels.append(("operation (+ - *) x rule", counts[:, :used] / counts.sum(1, keepdim=True).clamp(min=1)))
+        return panels
+
+
+def rule_purity(counts):
+    """counts (operations, rules) -> the mean over operations of the fraction of an operation's steps
+    sent to its own rule, under the one-to-one matching of operations to distinct rules that scores
+    best. 1.0: each operation has a rule of its own; one rule for everything scores 1 / operations."""
+    counts = counts[:, counts.sum(0) > 0] if counts.sum() > 0 else counts[:, :1]
+    rows, cols = counts.shape
+    fractions = counts / counts.sum(1, keepdim=True).clamp(min=1)
+    pad = torch.zeros(rows, max(0, rows - cols))  # fewer rules used than operations: the rest get none
+    fractions = torch.cat([fractions, pad], 1)
+    best = max(sum(fractions[o, r] for o, r in enumerate(choice))
+               for choice in itertools.permutations(range(fractions.shape[1]), rows))
+    return float(best) / rows
+
+
+# ----------------------------------------------------------------------------------------------
 
 TASKS = {  # name -> (config class, task class)
     "copy": (CopyConfig, Copy),
@@ -673,4 +787,5 @@ TASKS = {  # name -> (config class, task class)
     "addition": (AdditionConfig, Addition),
     "copy_delay": (CopyDelayConfig, CopyDelay),
     "seqmnist": (SeqMNISTConfig, SeqMNIST),
+    "arithmetic": (ArithmeticConfig, Arithmetic),
 }

@@ -34,15 +34,17 @@ from tqdm import tqdm
 from data import TASKS, DatasetError
 from act import ACT, ACTConfig
 from lstm import LSTM, LSTMConfig
+from nps import NPS, NPSConfig
 from ntm import NTM, NTMConfig
 from rims import RIMs, RIMsConfig
 
 # name -> (config class, model class, task kinds it fits). Adding a model is one row here.
 MODELS = {
     "ntm": (NTMConfig, NTM, ("sequence",)),
-    "lstm": (LSTMConfig, LSTM, ("sequence",)),
+    "lstm": (LSTMConfig, LSTM, ("sequence", "autoregressive")),
     "act": (ACTConfig, ACT, ("sequence",)),
     "rims": (RIMsConfig, RIMs, ("sequence",)),
+    "nps": (NPSConfig, NPS, ("autoregressive",)),
 }
 
 # The settings (training, model or task fields) that reproduce each result; flags override them.
@@ -70,6 +72,12 @@ PRESETS = {
                                eval_interval=50, log_interval=10, val_samples=2000, eval_samples=2000),
     ("lstm", "addition"): dict(hidden_size=512, num_layers=1, max_iters=10000, batch_size=32, lr=1e-3,
                                eval_interval=1000, log_interval=50),
+    # NPS paper, section 4.1 (arithmetic), official runner.sh: 3 rules, rule embeddings of 32, slots of 64,
+    # batch 50 sequences of 20 steps; Adam 1e-3 with a cosine decay instead of 1e-4 for 100 epochs (CPU budget)
+    ("nps", "arithmetic"): dict(max_iters=3000, batch_size=50, lr=1e-3, decay_lr=True, grad_clip=1.0,
+                                eval_interval=1000, log_interval=50),
+    ("lstm", "arithmetic"): dict(hidden_size=64, num_layers=1, max_iters=3000, batch_size=50, lr=1e-3,
+                                 decay_lr=True, grad_clip=1.0, eval_interval=1000, log_interval=50),
 }
 
 
@@ -160,15 +168,20 @@ def parse_args(argv):
     parser.add_argument("--task", default="copy", help=f"one of {', '.join(TASKS)}")
     preset = PRESETS.get((known.model, known.task))
     add_fields(parser, "training", TrainConfig, defaults=preset)
-    add_fields(parser, f"model ({known.model})", model_cfg, skip=("input_size", "output_size"), defaults=preset)
+    add_fields(parser, f"model ({known.model})", model_cfg, skip=TASK_SIZED, defaults=preset)
     add_fields(parser, f"task ({known.task})", task_cfg, defaults=preset)
     args = vars(parser.parse_args(argv))
     return args.pop("model"), args.pop("task"), args
 
 
+# model fields a task's spec sets (sizes, which input channels form a slot or are fed back), never flags
+TASK_SIZED = ("input_size", "output_size", "input_groups", "feedback_size")
+
+
 def model_config_for(model_name, task, values):
-    """The model's config, sized for the task's inputs and outputs."""
-    sizes = {k: task.spec[k] for k in ("input_size", "output_size") if k in task.spec}
+    """The model's config, sized for the task: every TASK_SIZED key of task.spec that the model has."""
+    names = {f.name for f in fields(MODELS[model_name][0])}
+    sizes = {k: task.spec[k] for k in TASK_SIZED if k in task.spec and k in names}
     return build_config(MODELS[model_name][0], {**values, **sizes}, "model")
 
 
@@ -340,7 +353,7 @@ def evaluate(model, task, eval_data, device, autocast):
             for key, value in task.metrics(logits, batch, internals).items():
                 totals[key] = totals.get(key, 0) + value
         count = totals.pop("count")
-        results.update({task.metric_key(key, setting): value / count for key, value in totals.items()})
+        results.update({task.metric_key(key, setting): value for key, value in task.finish_metrics(totals, count).items()})
     model.train()
     return results
 
