@@ -691,10 +691,9 @@ class ArithmeticConfig:
 
 class Arithmetic(SequenceTask):
     """y_0 = 0; at step t a number d_t = U(0, 1) rounded to two decimals and an operation o_t uniform over
-    +, -, * give y_t = y_{t-1} o_t d_t. Input x_t = [y_{t-1}, d_t, one-hot o_t], target y_t. Slot models get
-    two slots, [y_{t-1}] and [d_t, o_t]: the official model has three ([y_{t-1}], [d_t], [o_t]) and picks two
-    operand slots after the rule, but a rule that reads a primary and one contextual slot (the paper's form)
-    could then never see both numbers and the operation, so the operation travels with its number.
+    +, -, * give y_t = y_{t-1} o_t d_t. Input x_t = [y_{t-1}, d_t, one-hot o_t], target y_t. Slot models
+    get two slots, [y_{t-1}] and [d_t], and the operation as a condition that only decides which rule
+    fires (the official model has it as a third slot that only the rule choice reads; nps.py explains).
     The first channel is fed back (spec feedback_size): it holds the true y_{t-1} in training (teacher
     forcing) and models write their own previous output into it at evaluation (autoregression).
     Metrics: mse, the sum over the steps of the squared error, mean over sequences (the official eval's
@@ -707,9 +706,9 @@ class Arithmetic(SequenceTask):
 
     def __init__(self, config, data_dir=None):
         super().__init__(config)
-        # two slots, [y_{t-1}] and [d_t, o_t]: see the docstring
-        self.spec = {"kind": self.kind, "input_size": 5, "output_size": 1, "input_groups": (1, 4),
-                     "feedback_size": 1}
+        # slot models: two slots, [y_{t-1}] and [d_t]; the operation is a condition (see the docstring)
+        self.spec = {"kind": self.kind, "input_size": 5, "output_size": 1, "input_groups": (1, 1),
+                     "condition_size": 3, "feedback_size": 1}
         self.eval_settings = {str(n): {"length": n} for n in config.eval_lengths}
         self.train_set = self.make_batch(config.train_sequences, torch.Generator().manual_seed(config.data_seed),
                                          config.length)

@@ -175,7 +175,7 @@ def parse_args(argv):
 
 
 # model fields a task's spec sets (sizes, which input channels form a slot or are fed back), never flags
-TASK_SIZED = ("input_size", "output_size", "input_groups", "feedback_size")
+TASK_SIZED = ("input_size", "output_size", "input_groups", "condition_size", "feedback_size")
 
 
 def model_config_for(model_name, task, values):

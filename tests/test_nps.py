@@ -43,14 +43,14 @@ def test_at_evaluation_the_choice_is_the_argmax_and_deterministic():
     assert torch.equal(first, second) and torch.equal(internals_first["rules"], internals_second["rules"])
     # the chosen pair is the argmax of the stage 1 scores
     slots = model.encode(x[:, 0])
-    scores = model.match_scores(slots).reshape(4, -1)
+    scores = model.match_scores(slots, x[:, 0, 2:]).reshape(4, -1)
     expected_rule = scores.argmax(-1) // slots.shape[1]
     assert torch.equal(internals_first["rules"][:, 0, 0], expected_rule)
 
 
 def test_gradient_reaches_the_rule_embeddings_and_the_slot_keys_through_the_hard_choice():
     torch.manual_seed(0)
-    model = small(input_groups=(1, 1, 3)).train()  # three slots: the context is a real choice
+    model = small(input_groups=(1, 1, 3), condition_size=0).train()  # three slots: the context is a real choice
     logits, _ = model(torch.rand(8, 3, 5))
     logits.pow(2).sum().backward()
     grads = dict(model.named_parameters())
@@ -65,7 +65,7 @@ def test_sequential_mode_with_one_application_changes_only_the_primary_slot():
     torch.manual_seed(0)
     model = small().eval()
     slots = torch.randn(5, 3, 16)
-    new_slots, primary_mask, rule, primary, context = model.apply_sequential(slots)
+    new_slots, primary_mask, rule, primary, context = model.apply_sequential(slots, torch.rand(5, 3))
     changed = (new_slots != slots).any(-1)  # (B, S)
     assert torch.equal(changed, torch.nn.functional.one_hot(primary, 3).bool())
     assert torch.equal(primary_mask.argmax(-1), primary)
@@ -82,7 +82,7 @@ def test_parallel_mode_updates_every_slot_with_its_own_rule():
     torch.manual_seed(0)
     model = small(mode="parallel", readout_slot=0).eval()
     slots = torch.randn(4, 3, 16)
-    new_slots, rules, contexts = model.apply_parallel(slots)
+    new_slots, rules, contexts = model.apply_parallel(slots, torch.rand(4, 3))
     assert rules.shape == (4, 3) and (contexts != torch.arange(3)).all()
     outputs = model.rule_outputs(slots, slots[torch.arange(4)[:, None], contexts])  # (B, S, N, H)
     expected = slots + outputs.gather(2, rules[..., None, None].expand(-1, -1, 1, 16)).squeeze(2)
@@ -105,9 +105,13 @@ def test_grouped_rule_mlps_equal_the_rules_run_one_by_one():
     # the slot encoders are grouped MLPs too: group s reads only its own channels
     x = torch.rand(3, 5)
     changed = x.clone()
-    changed[:, 2:] += 1.0  # the operation channels: slot 0 (y_{t-1}) stays as it was
+    changed[:, 1] += 1.0  # d_t's channel: slot 0 (y_{t-1}) stays as it was
     assert torch.allclose(model.encode(x)[:, 0], model.encode(changed)[:, 0])
     assert not torch.allclose(model.encode(x)[:, 1], model.encode(changed)[:, 1])
+    # the condition channels (the operation) reach no slot, only the stage 1 keys
+    condition_changed = x.clone()
+    condition_changed[:, 2:] += 1.0
+    assert torch.equal(model.encode(x), model.encode(condition_changed))
     assert grouped_mlp(torch.zeros(2, 1, 1), torch.ones(1, 1, 1), torch.ones(1, 1), torch.ones(1, 1, 1),
                        torch.zeros(1, 1)).tolist() == [[[1.0]], [[1.0]]]
 
@@ -189,7 +193,7 @@ def test_bad_nps_settings_are_refused():
     with pytest.raises(ValueError, match="mode"):
         NPSConfig(mode="both")
     with pytest.raises(ValueError, match="input_groups"):
-        NPSConfig(input_groups=(2, 2))
+        NPSConfig(input_groups=(2, 2))  # 4 + condition 3 != input_size 5
     with pytest.raises(ValueError, match="readout_slot"):
         NPSConfig(mode="parallel")
 
@@ -199,7 +203,7 @@ def test_a_short_run_on_arithmetic_lowers_the_loss_and_reports_mse_and_purity(tm
     out = tmp_path / model
     size = ["--slot_size", "32", "--rule_hidden", "32", "--batch_size", "16"] if model == "nps" else ["--hidden_size", "32"]
     result = train.main(["--model", model, "--task", "arithmetic", "--max_iters", "60", "--eval_interval", "60",
-                         "--log_interval", "10", "--lr", "3e-3", "--train_sequences", "200", "--eval_samples", "50",
+                         "--log_interval", "10", "--lr", "1e-2", "--train_sequences", "200", "--eval_samples", "50",
                          "--eval_lengths", "10,30", "--out_dir", str(out), "--no-figures", *size])
     losses = [r["loss"] for r in map(eval_json, open(out / "log.jsonl")) if "loss" in r]
     assert losses[-1] < 0.5 * losses[0]
