@@ -702,7 +702,6 @@ class Arithmetic(SequenceTask):
     kind = "autoregressive"
     metric = "mse"
     bench_setting = "20"
-    rule_columns = 64  # the most rules rule_purity counts
 
     def __init__(self, config, data_dir=None):
         super().__init__(config)
@@ -735,11 +734,7 @@ class Arithmetic(SequenceTask):
         squared = (logits.float() - batch["y"]).pow(2).sum((1, 2))  # (B,), summed over the steps
         result = {"mse": squared.sum().item(), "count": logits.shape[0]}
         if "rules" in internals:  # operation x rule counts, of the first rule applied at each step
-            rules = internals["rules"][..., 0].long().cpu().clamp(max=self.rule_columns - 1)
-            counts = torch.zeros(3, self.rule_columns)
-            counts.index_put_((batch["op"].cpu().reshape(-1), rules.reshape(-1)), torch.ones(rules.numel()),
-                              accumulate=True)
-            result["op_rule_counts"] = counts
+            result["op_rule_counts"] = op_rule_counts(batch["op"], internals["rules"], len(OPERATIONS))
         return result
 
     def finish_metrics(self, totals, count):
@@ -762,6 +757,18 @@ class Arithmetic(SequenceTask):
         return panels
 
 
+RULE_COLUMNS = 64  # the most rules op_rule_counts tells apart
+
+
+def op_rule_counts(ops, rules, num_ops):
+    """ops (B, T) int, rules (B, T, K) int (the model's internals) -> (num_ops, RULE_COLUMNS) counts of
+    the first rule applied at each step, per operation."""
+    rules = rules[..., 0].long().cpu().clamp(max=RULE_COLUMNS - 1)
+    counts = torch.zeros(num_ops, RULE_COLUMNS)
+    counts.index_put_((ops.cpu().reshape(-1), rules.reshape(-1)), torch.ones(rules.numel()), accumulate=True)
+    return counts
+
+
 def rule_purity(counts):
     """counts (operations, rules) -> the mean over operations of the fraction of an operation's steps
     sent to its own rule, under the one-to-one matching of operations to distinct rules that scores
@@ -777,6 +784,112 @@ def rule_purity(counts):
 
 
 # ----------------------------------------------------------------------------------------------
+# Neural Production Systems, the MNIST transformation experiment (official code: MNIST/crl/dataloader/
+# mnist_transforms.py, digits on a 64 x 64 canvas, rotations by +-45 or 60 degrees, translations by 0.2)
+
+TRANSFORMS = ("rotate_left", "rotate_right", "up", "down", "left", "right")
+
+
+@dataclass
+class MNISTTransformConfig:
+    shift: int = 4  # pixels per translation
+    train_size: int = 10000  # training digits: the first ones of MNIST's 60k training images
+    eval_samples: int = 2000  # test digits: the first ones of MNIST's 10k test images
+
+    def __post_init__(self):
+        _check_positive(self, "shift", "train_size", "eval_samples")
+        if self.shift >= 28 or self.train_size > 60000 or self.eval_samples > 10000:
+            raise ValueError("need shift < 28, train_size <= 60000 and eval_samples <= 10000")
+
+
+class MNISTTransform(SequenceTask):
+    """An MNIST digit (28 x 28, grey levels in [0, 1]) and a transformation drawn uniformly from
+    TRANSFORMS: a quarter turn either way (exact, no interpolation) or a shift by `shift` pixels up, down,
+    left or right (zeros come in). Target: the transformed digit. One step: x (B, 1, 784 + 6), the image
+    (one slot) then the one-hot transformation (a condition, read by the rule choice only); y (B, 1, 784).
+    Metrics: bce, binary cross-entropy summed over the pixels, mean per image; rule_purity."""
+
+    kind = "transform"
+    metric = "bce"
+    bench_setting = "test"
+
+    def __init__(self, config, data_dir=None):
+        super().__init__(config)
+        train, _ = load_mnist(data_dir, "train")
+        test, _ = load_mnist(data_dir, "test")
+        if len(train) < config.train_size or len(test) < config.eval_samples:
+            raise DatasetError(f"MNIST in {data_dir} has {len(train)} training and {len(test)} test images, fewer "
+                               "than --train_size and --eval_samples ask for: lower them or fix --data_dir")
+        self.images = {"train": train[:config.train_size].float() / 255, "test": test[:config.eval_samples].float() / 255}
+        n = len(TRANSFORMS)
+        self.spec = {"kind": self.kind, "input_size": 784 + n, "output_size": 784, "input_groups": (784,),
+                     "condition_size": n}
+        self.eval_settings = {"test": {"split": "test"}}
+        self.eval_cursor = 0
+
+    def transform(self, images, which):
+        """images (B, 28, 28), which (B,) indices into TRANSFORMS -> transformed images (B, 28, 28)."""
+        s = self.config.shift
+        padded = F.pad(images, (s, s, s, s))
+        every = torch.stack([torch.rot90(images, 1, (1, 2)), torch.rot90(images, -1, (1, 2)),
+                             padded[:, 2 * s:, s:-s], padded[:, :-2 * s, s:-s],  # up, down
+                             padded[:, s:-s, 2 * s:], padded[:, s:-s, :-2 * s]])  # left, right
+        return every[which, torch.arange(len(images))]
+
+    def train_batch(self, batch_size, generator):
+        return self.make_batch(batch_size, generator, "train")
+
+    def eval_batch(self, setting, batch_size, generator):
+        """The test digits in order (train.py asks for consecutive chunks), each with a random transformation."""
+        start = self.eval_cursor % self.config.eval_samples
+        self.eval_cursor = start + batch_size
+        index = torch.arange(start, start + batch_size) % self.config.eval_samples
+        return self.make_batch(batch_size, generator, "test", index)
+
+    def make_batch(self, batch_size, generator, split, index=None):
+        pool = self.images[split]
+        if index is None:
+            index = torch.randint(0, len(pool), (batch_size,), generator=generator)
+        which = torch.randint(0, len(TRANSFORMS), (batch_size,), generator=generator)
+        images = pool[index]
+        x = torch.cat([images.reshape(batch_size, 784), F.one_hot(which, len(TRANSFORMS)).float()], -1)
+        y = self.transform(images, which).reshape(batch_size, 1, 784)
+        return {"x": x.unsqueeze(1), "y": y, "mask": torch.ones(batch_size, 1), "op": which.unsqueeze(1)}
+
+    def loss(self, logits, batch):
+        return F.binary_cross_entropy_with_logits(logits.float(), batch["y"])
+
+    def metrics(self, logits, batch, internals):
+        bce = F.binary_cross_entropy_with_logits(logits.float(), batch["y"], reduction="sum").item()
+        result = {"bce": bce, "count": logits.shape[0]}
+        if "rules" in internals:
+            result["op_rule_counts"] = op_rule_counts(batch["op"], internals["rules"], len(TRANSFORMS))
+        return result
+
+    def finish_metrics(self, totals, count):
+        result = {"bce": totals["bce"] / count}
+        if "op_rule_counts" in totals:
+            result["rule_purity"] = rule_purity(totals["op_rule_counts"])
+        return result
+
+    def figure_panels(self, logits, batch, internals, count=6):
+        """Input, target and prediction for the first test digits, side by side; the chosen rule of each
+        as a row of grey levels (rule / (rules - 1)); the transformation x rule counts over the batch."""
+        row = lambda images: torch.cat([F.pad(im.reshape(28, 28), (0, 2)) for im in images[:count]], 1)
+        names = " ".join(("L90", "R90", "UP", "DOWN", "LEFT", "RIGHT")[int(t)] for t in batch["op"][:count, 0])
+        panels = [(f"input ({names})", row(batch["x"][:, 0, :784])), ("target", row(batch["y"][:, 0])),
+                  ("prediction", row(torch.sigmoid(logits[:, 0].float())))]
+        if "rules" in internals:
+            rules = internals["rules"][:count, 0, 0].float()
+            used = int(internals["rules"].max()) + 1
+            panels.append((f"rule ({' '.join(str(int(r)) for r in rules)})",
+                           (rules / max(used - 1, 1)).repeat_interleave(30).unsqueeze(0)))
+            counts = op_rule_counts(batch["op"], internals["rules"], len(TRANSFORMS))[:, :used]
+            panels.append(("transformation x rule", counts / counts.sum(1, keepdim=True).clamp(min=1)))
+        return panels
+
+
+# ----------------------------------------------------------------------------------------------
 
 TASKS = {  # name -> (config class, task class)
     "copy": (CopyConfig, Copy),
@@ -787,4 +900,5 @@ TASKS = {  # name -> (config class, task class)
     "copy_delay": (CopyDelayConfig, CopyDelay),
     "seqmnist": (SeqMNISTConfig, SeqMNIST),
     "arithmetic": (ArithmeticConfig, Arithmetic),
+    "mnist_transform": (MNISTTransformConfig, MNISTTransform),
 }

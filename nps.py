@@ -48,7 +48,8 @@ Choices the paper leaves open, and what we do:
   slot the last rule wrote (sequential mode) or from slot `readout_slot` (parallel mode). Reading the
   written slot forces the answer through a rule, as the official arithmetic model does (its rule MLP
   outputs the number itself).
-- The contextual slot is another slot than the primary one (Figure 2 matches rules to pairs of slots).
+- The contextual slot is another slot than the primary one (Figure 2 matches rules to pairs of slots);
+  with a single slot (mnist_transform: the image) the rule reads [slot, slot].
 - Gumbel temperature tau = 1 for both stages (the official arithmetic code uses 1 for stage 1).
 - Scores are plain dot products q . k, not divided by sqrt(key_size): the hard choice is made against
   Gumbel noise of a fixed scale, and with the division the stage 1 scores stayed small against it for
@@ -100,9 +101,9 @@ class NPSConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.condition_size < 0:
             raise ValueError(f"condition_size must be at least 0, got {self.condition_size}")
-        if len(self.input_groups) < 2 or min(self.input_groups) < 1 or \
+        if len(self.input_groups) < 1 or min(self.input_groups) < 1 or \
                 sum(self.input_groups) + self.condition_size != self.input_size:
-            raise ValueError(f"input_groups must be at least two positive sizes adding up, with condition_size "
+            raise ValueError(f"input_groups must be positive sizes adding up, with condition_size "
                              f"{self.condition_size}, to input_size {self.input_size}, got {self.input_groups}")
         if not 0 <= self.feedback_size <= min(self.input_size, self.output_size):
             raise ValueError(f"feedback_size must be in 0..min(input_size, output_size), got {self.feedback_size}")
@@ -206,7 +207,8 @@ class NPS(nn.Module):
         primary = torch.einsum("bs,bsh->bh", primary_mask, slots)
         rule = rule_mask @ self.rule_embeddings  # (B, rule_size)
         scores = self.context_scores(slots, primary, rule)  # step 3: another slot than the primary
-        scores = scores.masked_fill(primary_mask.detach() > 0.5, float("-inf"))
+        if S > 1:
+            scores = scores.masked_fill(primary_mask.detach() > 0.5, float("-inf"))
         context_mask = hard_choice(scores, tau, sample)  # (B, S)
         context = torch.einsum("bs,bsh->bh", context_mask, slots)
         update = torch.einsum("bn,bnh->bh", rule_mask, self.rule_outputs(primary, context))  # step 4
@@ -221,7 +223,8 @@ class NPS(nn.Module):
         rule_mask = hard_choice(self.match_scores(slots, condition).transpose(1, 2), tau, sample)  # (B, S, N)
         rule = rule_mask @ self.rule_embeddings  # (B, S, rule_size)
         scores = self.context_scores(slots, slots, rule)  # (B, S, S): row p, the context of slot p
-        scores = scores.masked_fill(torch.eye(S, dtype=torch.bool, device=slots.device), float("-inf"))
+        if S > 1:
+            scores = scores.masked_fill(torch.eye(S, dtype=torch.bool, device=slots.device), float("-inf"))
         context_mask = hard_choice(scores, tau, sample)  # (B, S, S)
         context = context_mask @ slots  # (B, S, H)
         update = torch.einsum("bsn,bsnh->bsh", rule_mask, self.rule_outputs(slots, context))

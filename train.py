@@ -41,10 +41,10 @@ from rims import RIMs, RIMsConfig
 # name -> (config class, model class, task kinds it fits). Adding a model is one row here.
 MODELS = {
     "ntm": (NTMConfig, NTM, ("sequence",)),
-    "lstm": (LSTMConfig, LSTM, ("sequence", "autoregressive")),
+    "lstm": (LSTMConfig, LSTM, ("sequence", "autoregressive", "transform")),
     "act": (ACTConfig, ACT, ("sequence",)),
     "rims": (RIMsConfig, RIMs, ("sequence",)),
-    "nps": (NPSConfig, NPS, ("autoregressive",)),
+    "nps": (NPSConfig, NPS, ("autoregressive", "transform")),
 }
 
 # The settings (training, model or task fields) that reproduce each result; flags override them.
@@ -76,6 +76,12 @@ PRESETS = {
     # batch 50 sequences of 20 steps; Adam 1e-3 with a cosine decay instead of 1e-4 for 100 epochs (CPU budget)
     ("nps", "arithmetic"): dict(max_iters=3000, batch_size=50, lr=1e-3, decay_lr=True, grad_clip=1.0,
                                 eval_interval=1000, log_interval=50),
+    # NPS paper, MNIST transformations: one image slot, the transformation as the rule's condition, 6 rules
+    ("nps", "mnist_transform"): dict(num_rules=6, slot_size=128, encoder_hidden=256, rule_hidden=256, max_iters=2000,
+                                     batch_size=64, lr=1e-3, decay_lr=True, grad_clip=1.0, eval_interval=500,
+                                     log_interval=50),
+    ("lstm", "mnist_transform"): dict(hidden_size=256, num_layers=1, max_iters=2000, batch_size=64, lr=1e-3,
+                                      decay_lr=True, grad_clip=1.0, eval_interval=500, log_interval=50),
     ("lstm", "arithmetic"): dict(hidden_size=64, num_layers=1, max_iters=3000, batch_size=50, lr=1e-3,
                                  decay_lr=True, grad_clip=1.0, eval_interval=1000, log_interval=50),
 }

@@ -1,5 +1,6 @@
 """Neural Production Systems: the two-stage hard selection, rule application and the arithmetic task."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -222,3 +223,41 @@ def test_models_that_cannot_feed_back_are_refused_on_arithmetic(tmp_path):
     with pytest.raises(train.UserError, match="use one of lstm, nps"):
         train.main(["--model", "ntm", "--task", "arithmetic", "--out_dir", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# mnist_transform, on a fake MNIST written here
+
+def test_mnist_transformations_move_a_pixel_where_they_should(tmp_path):
+    from data import MNISTTransform, MNISTTransformConfig, TRANSFORMS
+    from test_rims_tasks import write_mnist
+    write_mnist(str(tmp_path), n_train=8, n_test=4)
+    task = MNISTTransform(MNISTTransformConfig(shift=3, train_size=8, eval_samples=4), data_dir=str(tmp_path))
+    image = torch.zeros(1, 28, 28)
+    image[0, 10, 5] = 1.0  # row 10, column 5
+    expected = {"rotate_left": (22, 10), "rotate_right": (5, 17), "up": (7, 5), "down": (13, 5),
+                "left": (10, 2), "right": (10, 8)}
+    for k, name in enumerate(TRANSFORMS):
+        moved = task.transform(image, torch.tensor([k]))[0]
+        assert moved.sum() == 1 and moved[expected[name]] == 1, name
+    batch = task.train_batch(5, torch.Generator().manual_seed(0))
+    assert batch["x"].shape == (5, 1, 790) and batch["y"].shape == (5, 1, 784)
+    which = batch["x"][:, 0, 784:].argmax(-1)
+    assert torch.equal(which, batch["op"][:, 0])
+    again = task.transform(batch["x"][:, 0, :784].reshape(5, 28, 28), which).reshape(5, 1, 784)
+    assert torch.equal(again, batch["y"])
+
+
+def test_nps_trains_on_mnist_transform_and_reports_bce_purity_and_a_figure(tmp_path):
+    from test_rims_tasks import write_mnist
+    write_mnist(str(tmp_path / "mnist"), n_train=16, n_test=8)
+    out = tmp_path / "out"
+    result = train.main(["--model", "nps", "--task", "mnist_transform", "--data_dir", str(tmp_path / "mnist"),
+                         "--train_size", "16", "--eval_samples", "8", "--max_iters", "20", "--eval_interval", "20", "--log_interval", "5",
+                         "--batch_size", "8", "--slot_size", "16", "--encoder_hidden", "16", "--rule_hidden", "16",
+                         "--lr", "1e-2", "--out_dir", str(out)])
+    metrics = result["metrics"]
+    assert metrics["bce@test"] > 0 and 1 / 6 <= metrics["rule_purity@test"] <= 1
+    assert (out / "outputs_test.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    losses = [json.loads(line)["loss"] for line in open(out / "log.jsonl") if '"loss"' in line]
+    assert losses[-1] < losses[0]
