@@ -669,7 +669,7 @@ class SeqMNIST(SequenceTask):
 
 
 # ----------------------------------------------------------------------------------------------
-# Neural Production Systems (Goyal et al. 2021, arXiv:2103.01937), section 4.1: arithmetic, as the
+# Neural Production Systems (Goyal et al. 2021, arXiv:2103.01937): the synthetic arithmetic task, as the
 # official code defines it (synthetic/data.py and synthetic/main.py of anirudh9119/neural_production_systems)
 
 OPERATIONS = ("+", "-", "*")
@@ -753,7 +753,7 @@ class Arithmetic(SequenceTask):
         if "rules" in internals:
             counts = self.metrics(logits, batch, internals)["op_rule_counts"]
             used = int(internals["rules"].max()) + 1
-            panels.append(("operation (+ - *) x rule", counts[:, :used] / counts.sum(1, keepdim=True).clamp(min=1)))
+            panels.append(("operation (add sub mul) x rule", counts[:, :used] / counts.sum(1, keepdim=True).clamp(min=1)))
         return panels
 
 

@@ -72,7 +72,7 @@ PRESETS = {
                                eval_interval=50, log_interval=10, val_samples=2000, eval_samples=2000),
     ("lstm", "addition"): dict(hidden_size=512, num_layers=1, max_iters=10000, batch_size=32, lr=1e-3,
                                eval_interval=1000, log_interval=50),
-    # NPS paper, section 4.1 (arithmetic), official runner.sh: 3 rules, rule embeddings of 32, slots of 64,
+    # NPS paper, arithmetic, official synthetic/runner.sh: 3 rules, rule embeddings of 32, slots of 64,
     # batch 50 sequences of 20 steps; Adam 1e-3 with a cosine decay instead of 1e-4 for 100 epochs (CPU budget)
     ("nps", "arithmetic"): dict(max_iters=3000, batch_size=50, lr=1e-3, decay_lr=True, grad_clip=1.0,
                                 eval_interval=1000, log_interval=50),
