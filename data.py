@@ -16,6 +16,7 @@ Optional hooks: `model_inputs`, the batch keys the model takes as keyword tensor
 padding mask); `eval_data(chunk, generator)`, the evaluation batches when they come from a dataset's
 test files rather than eval_batch; `eval_count(setting)`, the samples per setting (default eval_samples);
 `metric_key(metric, setting)`, the metrics.json name (default '<metric>@<setting>');
+`finish_metrics(totals, count)`, the final values from the summed metrics (default: totals / count);
 `summary(results)`, metrics over all settings (e.g. bAbI's mean error).
 
 Real datasets (bAbI) are downloaded from their canonical URL on first use, checksum-verified, and
@@ -24,6 +25,7 @@ read offline after that; a missing or corrupt file raises DataError (train.py pr
 
 import gzip
 import hashlib
+import itertools
 import math
 import os
 import shutil
@@ -1323,6 +1325,227 @@ class SeqMNIST(SequenceTask):
 
 
 # ----------------------------------------------------------------------------------------------
+# Neural Production Systems (Goyal et al. 2021, arXiv:2103.01937): the synthetic arithmetic task, as the
+# official code defines it (synthetic/data.py and synthetic/main.py of anirudh9119/neural_production_systems)
+
+OPERATIONS = ("+", "-", "*")
+
+
+@dataclass
+class ArithmeticConfig:
+    length: int = 20  # official: sequences of 20 steps
+    train_sequences: int = 10000  # official: 10k training sequences (ArithmeticData(10000, 20))
+    data_seed: int = 0  # the fixed training set is drawn from this seed, the same for every run
+    eval_lengths: tuple = (10, 20, 30, 40, 50)  # evaluated autoregressively at these lengths
+    eval_samples: int = 2000  # official: 2k validation sequences
+
+    def __post_init__(self):
+        _check_positive(self, "length", "train_sequences", "eval_samples")
+        if not self.eval_lengths or min(self.eval_lengths) < 1:
+            raise ValueError(f"eval_lengths must be positive, got {self.eval_lengths}")
+
+
+class Arithmetic(SequenceTask):
+    """y_0 = 0; at step t a number d_t = U(0, 1) rounded to two decimals and an operation o_t uniform over
+    +, -, * give y_t = y_{t-1} o_t d_t. Input x_t = [y_{t-1}, d_t, one-hot o_t], target y_t. Slot models
+    get two slots, [y_{t-1}] and [d_t], and the operation as a condition that only decides which rule
+    fires (the official model has it as a third slot that only the rule choice reads; nps.py explains).
+    The first channel is fed back (spec feedback_size): it holds the true y_{t-1} in training (teacher
+    forcing) and models write their own previous output into it at evaluation (autoregression).
+    Metrics: mse, the sum over the steps of the squared error, mean over sequences (the official eval's
+    sum over steps of the per-step MSE); rule_purity, for models that report the rule used at each step."""
+
+    kind = "autoregressive"
+    metric = "mse"
+    bench_setting = "20"
+
+    def __init__(self, config, data_dir=None):
+        super().__init__(config)
+        # slot models: two slots, [y_{t-1}] and [d_t]; the operation is a condition (see the docstring)
+        self.spec = {"kind": self.kind, "input_size": 5, "output_size": 1, "input_groups": (1, 1),
+                     "condition_size": 3, "feedback_size": 1}
+        self.eval_settings = {str(n): {"length": n} for n in config.eval_lengths}
+        self.train_set = self.make_batch(config.train_sequences, torch.Generator().manual_seed(config.data_seed),
+                                         config.length)
+
+    def train_batch(self, batch_size, generator):
+        pick = torch.randint(0, self.config.train_sequences, (batch_size,), generator=generator)
+        return {k: v[pick] for k, v in self.train_set.items()}
+
+    def make_batch(self, batch_size, generator, length):
+        numbers = (torch.rand(batch_size, length, generator=generator, dtype=torch.float64) * 100).round() / 100
+        ops = torch.randint(0, 3, (batch_size, length), generator=generator)
+        y = torch.zeros(batch_size, length + 1, dtype=torch.float64)  # y[:, 0] = y_0 = 0
+        for t in range(length):
+            prev, d = y[:, t], numbers[:, t]
+            y[:, t + 1] = torch.where(ops[:, t] == 0, prev + d, torch.where(ops[:, t] == 1, prev - d, prev * d))
+        x = torch.cat([y[:, :-1, None], numbers[..., None], F.one_hot(ops, 3).double()], -1).float()
+        return {"x": x, "y": y[:, 1:, None].float(), "mask": torch.ones(batch_size, length), "op": ops}
+
+    def loss(self, logits, batch):
+        """Mean squared error per step (official: nn.MSELoss over every step, teacher-forced)."""
+        return F.mse_loss(logits.float(), batch["y"])
+
+    def metrics(self, logits, batch, internals):
+        squared = (logits.float() - batch["y"]).pow(2).sum((1, 2))  # (B,), summed over the steps
+        result = {"mse": squared.sum().item(), "count": logits.shape[0]}
+        if "rules" in internals:  # operation x rule counts, of the first rule applied at each step
+            result["op_rule_counts"] = op_rule_counts(batch["op"], internals["rules"], len(OPERATIONS))
+        return result
+
+    def finish_metrics(self, totals, count):
+        result = {"mse": totals["mse"] / count}
+        if "op_rule_counts" in totals:
+            result["rule_purity"] = rule_purity(totals["op_rule_counts"])
+        return result
+
+    def figure_panels(self, logits, batch, internals, index=0):
+        """Target and output over the steps of one sequence (one scale), and, for models that report
+        rules, the operation x rule count matrix over the batch (rows +, -, *; each row normalised)."""
+        target, output = batch["y"][index, :, 0], logits[index, :, 0].float()
+        low, high = min(target.min(), output.min()), max(target.max(), output.max())
+        scale = lambda v: ((v - low) / (high - low).clamp(min=1e-8)).unsqueeze(0)
+        panels = [("target y_t", scale(target)), ("output", scale(output))]
+        if "rules" in internals:
+            counts = self.metrics(logits, batch, internals)["op_rule_counts"]
+            used = int(internals["rules"].max()) + 1
+            panels.append(("operation (add sub mul) x rule", counts[:, :used] / counts.sum(1, keepdim=True).clamp(min=1)))
+        return panels
+
+
+RULE_COLUMNS = 64  # the most rules op_rule_counts tells apart
+
+
+def op_rule_counts(ops, rules, num_ops):
+    """ops (B, T) int, rules (B, T, K) int (the model's internals) -> (num_ops, RULE_COLUMNS) counts of
+    the first rule applied at each step, per operation."""
+    rules = rules[..., 0].long().cpu().clamp(max=RULE_COLUMNS - 1)
+    counts = torch.zeros(num_ops, RULE_COLUMNS)
+    counts.index_put_((ops.cpu().reshape(-1), rules.reshape(-1)), torch.ones(rules.numel()), accumulate=True)
+    return counts
+
+
+def rule_purity(counts):
+    """counts (operations, rules) -> the mean over operations of the fraction of an operation's steps
+    sent to its own rule, under the one-to-one matching of operations to distinct rules that scores
+    best. 1.0: each operation has a rule of its own; one rule for everything scores 1 / operations."""
+    counts = counts[:, counts.sum(0) > 0] if counts.sum() > 0 else counts[:, :1]
+    rows, cols = counts.shape
+    fractions = counts / counts.sum(1, keepdim=True).clamp(min=1)
+    pad = torch.zeros(rows, max(0, rows - cols))  # fewer rules used than operations: the rest get none
+    fractions = torch.cat([fractions, pad], 1)
+    best = max(sum(fractions[o, r] for o, r in enumerate(choice))
+               for choice in itertools.permutations(range(fractions.shape[1]), rows))
+    return float(best) / rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Neural Production Systems, the MNIST transformation experiment (official code: MNIST/crl/dataloader/
+# mnist_transforms.py, digits on a 64 x 64 canvas, rotations by +-45 or 60 degrees, translations by 0.2)
+
+TRANSFORMS = ("rotate_left", "rotate_right", "up", "down", "left", "right")
+
+
+@dataclass
+class MNISTTransformConfig:
+    shift: int = 4  # pixels per translation
+    train_size: int = 10000  # training digits: the first ones of MNIST's 60k training images
+    eval_samples: int = 2000  # test digits: the first ones of MNIST's 10k test images
+
+    def __post_init__(self):
+        _check_positive(self, "shift", "train_size", "eval_samples")
+        if self.shift >= 28 or self.train_size > 60000 or self.eval_samples > 10000:
+            raise ValueError("need shift < 28, train_size <= 60000 and eval_samples <= 10000")
+
+
+class MNISTTransform(SequenceTask):
+    """An MNIST digit (28 x 28, grey levels in [0, 1]) and a transformation drawn uniformly from
+    TRANSFORMS: a quarter turn either way (exact, no interpolation) or a shift by `shift` pixels up, down,
+    left or right (zeros come in). Target: the transformed digit. One step: x (B, 1, 784 + 6), the image
+    (one slot) then the one-hot transformation (a condition, read by the rule choice only); y (B, 1, 784).
+    Metrics: bce, binary cross-entropy summed over the pixels, mean per image; rule_purity."""
+
+    kind = "transform"
+    metric = "bce"
+    bench_setting = "test"
+
+    def __init__(self, config, data_dir=None):
+        super().__init__(config)
+        train, _ = load_mnist(data_dir, "train")
+        test, _ = load_mnist(data_dir, "test")
+        if len(train) < config.train_size or len(test) < config.eval_samples:
+            raise DatasetError(f"MNIST in {data_dir} has {len(train)} training and {len(test)} test images, fewer "
+                               "than --train_size and --eval_samples ask for: lower them or fix --data_dir")
+        self.images = {"train": train[:config.train_size].float() / 255, "test": test[:config.eval_samples].float() / 255}
+        n = len(TRANSFORMS)
+        self.spec = {"kind": self.kind, "input_size": 784 + n, "output_size": 784, "input_groups": (784,),
+                     "condition_size": n}
+        self.eval_settings = {"test": {"split": "test"}}
+        self.eval_cursor = 0
+
+    def transform(self, images, which):
+        """images (B, 28, 28), which (B,) indices into TRANSFORMS -> transformed images (B, 28, 28)."""
+        s = self.config.shift
+        padded = F.pad(images, (s, s, s, s))
+        every = torch.stack([torch.rot90(images, 1, (1, 2)), torch.rot90(images, -1, (1, 2)),
+                             padded[:, 2 * s:, s:-s], padded[:, :-2 * s, s:-s],  # up, down
+                             padded[:, s:-s, 2 * s:], padded[:, s:-s, :-2 * s]])  # left, right
+        return every[which, torch.arange(len(images))]
+
+    def train_batch(self, batch_size, generator):
+        return self.make_batch(batch_size, generator, "train")
+
+    def eval_batch(self, setting, batch_size, generator):
+        """The test digits in order (train.py asks for consecutive chunks), each with a random transformation."""
+        start = self.eval_cursor % self.config.eval_samples
+        self.eval_cursor = start + batch_size
+        index = torch.arange(start, start + batch_size) % self.config.eval_samples
+        return self.make_batch(batch_size, generator, "test", index)
+
+    def make_batch(self, batch_size, generator, split, index=None):
+        pool = self.images[split]
+        if index is None:
+            index = torch.randint(0, len(pool), (batch_size,), generator=generator)
+        which = torch.randint(0, len(TRANSFORMS), (batch_size,), generator=generator)
+        images = pool[index]
+        x = torch.cat([images.reshape(batch_size, 784), F.one_hot(which, len(TRANSFORMS)).float()], -1)
+        y = self.transform(images, which).reshape(batch_size, 1, 784)
+        return {"x": x.unsqueeze(1), "y": y, "mask": torch.ones(batch_size, 1), "op": which.unsqueeze(1)}
+
+    def loss(self, logits, batch):
+        return F.binary_cross_entropy_with_logits(logits.float(), batch["y"])
+
+    def metrics(self, logits, batch, internals):
+        bce = F.binary_cross_entropy_with_logits(logits.float(), batch["y"], reduction="sum").item()
+        result = {"bce": bce, "count": logits.shape[0]}
+        if "rules" in internals:
+            result["op_rule_counts"] = op_rule_counts(batch["op"], internals["rules"], len(TRANSFORMS))
+        return result
+
+    def finish_metrics(self, totals, count):
+        result = {"bce": totals["bce"] / count}
+        if "op_rule_counts" in totals:
+            result["rule_purity"] = rule_purity(totals["op_rule_counts"])
+        return result
+
+    def figure_panels(self, logits, batch, internals, count=6):
+        """Input, target and prediction for the first test digits, side by side; the chosen rule of each
+        as a row of grey levels (rule / (rules - 1)); the transformation x rule counts over the batch."""
+        row = lambda images: torch.cat([F.pad(im.reshape(28, 28), (0, 2)) for im in images[:count]], 1)
+        names = " ".join(("L90", "R90", "UP", "DOWN", "LEFT", "RIGHT")[int(t)] for t in batch["op"][:count, 0])
+        panels = [(f"input ({names})", row(batch["x"][:, 0, :784])), ("target", row(batch["y"][:, 0])),
+                  ("prediction", row(torch.sigmoid(logits[:, 0].float())))]
+        if "rules" in internals:
+            rules = internals["rules"][:count, 0, 0].float()
+            used = int(internals["rules"].max()) + 1
+            panels.append((f"rule ({' '.join(str(int(r)) for r in rules)})",
+                           (rules / max(used - 1, 1)).repeat_interleave(30).unsqueeze(0)))
+            counts = op_rule_counts(batch["op"], internals["rules"], len(TRANSFORMS))[:, :used]
+            panels.append(("transformation x rule", counts / counts.sum(1, keepdim=True).clamp(min=1)))
+        return panels
+
+
+# ----------------------------------------------------------------------------------------------
 
 TASKS = {  # name -> (config class, task class)
     "copy": (CopyConfig, Copy),
@@ -1338,4 +1561,6 @@ TASKS = {  # name -> (config class, task class)
     "sprites_sets": (SpritesConfig, SpritesSets),
     "copy_delay": (CopyDelayConfig, CopyDelay),
     "seqmnist": (SeqMNISTConfig, SeqMNIST),
+    "arithmetic": (ArithmeticConfig, Arithmetic),
+    "mnist_transform": (MNISTTransformConfig, MNISTTransform),
 }

@@ -35,6 +35,7 @@ from tqdm import tqdm
 from data import TASKS, DataError
 from act import ACT, ACTConfig
 from lstm import LSTM, LSTMConfig
+from nps import NPS, NPSConfig
 from ntm import NTM, NTMConfig
 from rims import RIMs, RIMsConfig
 from slot_attention import SlotAttention, SlotAttentionConfig
@@ -43,16 +44,19 @@ from universal_transformer import TransformerConfig, UniversalTransformer, UTCon
 # name -> (config class, model class, task kinds it fits). Adding a model is one row here.
 MODELS = {
     "ntm": (NTMConfig, NTM, ("sequence",)),
-    "lstm": (LSTMConfig, LSTM, ("sequence",)),
+    "lstm": (LSTMConfig, LSTM, ("sequence", "autoregressive", "transform")),
     "act": (ACTConfig, ACT, ("sequence",)),
     "universal_transformer": (UTConfig, UniversalTransformer, ("story", "tokens")),
     "transformer": (TransformerConfig, UniversalTransformer, ("story", "tokens")),  # universal=False
     "slot_attention": (SlotAttentionConfig, SlotAttention, ("image",)),
     "rims": (RIMsConfig, RIMs, ("sequence",)),
+    "nps": (NPSConfig, NPS, ("autoregressive", "transform")),
 }
 
-# Model fields that model_config_for takes from task.spec (never flags): the data decides them.
-SIZED_BY_TASK = ("input_size", "output_size", "vocab_size", "sentence_length", "image_size", "in_channels")
+# Model fields that model_config_for takes from task.spec (never flags): the data decides them
+# (sizes, and for NPS which input channels form a slot, condition the rules or are fed back).
+SIZED_BY_TASK = ("input_size", "output_size", "vocab_size", "sentence_length", "image_size", "in_channels",
+                 "input_groups", "condition_size", "feedback_size")
 
 # The settings (training, model or task fields) that reproduce each result; flags override them.
 PRESETS = {
@@ -95,6 +99,18 @@ PRESETS = {
     ("slot_attention", "sprites_sets"): dict(num_slots=6, encoder_stride_layers=1, max_iters=2500,
                                              batch_size=32, lr=4e-4, warmup_iters=200, lr_half_life=2500,
                                              eval_interval=250, log_interval=50),
+    # NPS paper, arithmetic, official synthetic/runner.sh: 3 rules, rule embeddings of 32, slots of 64,
+    # batch 50 sequences of 20 steps; Adam 1e-3 with a cosine decay instead of 1e-4 for 100 epochs (CPU budget)
+    ("nps", "arithmetic"): dict(max_iters=3000, batch_size=50, lr=1e-3, decay_lr=True, grad_clip=1.0,
+                                eval_interval=1000, log_interval=50),
+    # NPS paper, MNIST transformations: one image slot, the transformation as the rule's condition, 6 rules
+    ("nps", "mnist_transform"): dict(num_rules=6, slot_size=128, encoder_hidden=256, rule_hidden=256, max_iters=2000,
+                                     batch_size=64, lr=1e-3, decay_lr=True, grad_clip=1.0, eval_interval=500,
+                                     log_interval=50),
+    ("lstm", "mnist_transform"): dict(hidden_size=256, num_layers=1, max_iters=2000, batch_size=64, lr=1e-3,
+                                      decay_lr=True, grad_clip=1.0, eval_interval=500, log_interval=50),
+    ("lstm", "arithmetic"): dict(hidden_size=64, num_layers=1, max_iters=3000, batch_size=50, lr=1e-3,
+                                 decay_lr=True, grad_clip=1.0, eval_interval=1000, log_interval=50),
 }
 
 
@@ -393,7 +409,8 @@ def evaluate(model, task, eval_data, device, autocast):
                 totals[key] = totals.get(key, 0) + value
         count = totals.pop("count")
         name = getattr(task, "metric_key", lambda metric, setting: f"{metric}@{setting}")
-        results.update({name(key, setting): value / count for key, value in totals.items()})
+        finish = getattr(task, "finish_metrics", lambda totals, count: {k: v / count for k, v in totals.items()})
+        results.update({name(key, setting): value for key, value in finish(totals, count).items()})
     if hasattr(task, "summary"):  # metrics over every setting, e.g. bAbI's mean error
         results.update(task.summary(results))
     model.train()
