@@ -7,7 +7,12 @@ The tasks. Each one knows its problem and nothing about models:
 - `loss(logits, batch)` and `metrics(logits, batch, internals)` (internals: what the model
   returned beside its outputs, e.g. an ACT model's ponder cost),
 - `figure_panels(logits, batch, internals)`: 2-D arrays in [0, 1] that train.py draws,
-- `bench_setting`: the evaluation setting bench.py times training on (a fixed shape).
+- `bench_setting`: the evaluation setting bench.py times training on (a fixed shape),
+- `eval_count(setting)` and `metric_key(metric, setting)`: how many test samples a setting has and
+  the name its metrics get in metrics.json ('<metric>@<setting>' unless the task says otherwise),
+- optionally `selection_settings` and `selection_metric`: a task with a validation split (seqmnist)
+  has train.py evaluate only those settings during training, keep the checkpoint where
+  `selection_metric` is highest, and report every setting (the test sets) for that checkpoint.
 
 A batch is a dict of tensors. Sequence tasks give x (B, T, in), targets y (B, T, ...) and
 mask (B, T), 1 where the model is scored. Everything is generated on the fly from a torch.Generator, so
