@@ -1479,7 +1479,7 @@ class MNISTTransform(SequenceTask):
         train, _ = load_mnist(data_dir, "train")
         test, _ = load_mnist(data_dir, "test")
         if len(train) < config.train_size or len(test) < config.eval_samples:
-            raise DatasetError(f"MNIST in {data_dir} has {len(train)} training and {len(test)} test images, fewer "
+            raise DataError(f"MNIST in {data_dir} has {len(train)} training and {len(test)} test images, fewer "
                                "than --train_size and --eval_samples ask for: lower them or fix --data_dir")
         self.images = {"train": train[:config.train_size].float() / 255, "test": test[:config.eval_samples].float() / 255}
         n = len(TRANSFORMS)
