@@ -5,25 +5,49 @@ Adam) on a fixed batch shape, timed after warm-up, median over several runs.
     python bench.py                                   # every model on copy, batch 1, 16 and 32
     python bench.py --models ntm --tasks copy,associative_recall --batch_sizes 16
     python bench.py --device cuda --compile           # on a GPU, compiled, bf16 autocast
+    python bench.py --models rims,lstm --tasks copy_delay --batch_sizes 64 --set hidden_size=600,num_layers=1
 
 Prints one row per (model, task, batch size) and, with --json FILE, writes them as JSON lines.
-The shape is the task's `bench_setting` (copy: length-20 sequences, 41 steps).
+The shape is the task's `bench_setting` (copy: length-20 sequences, 41 steps). Each model is built
+as train.py builds it for the task (its preset's model fields included); --set overrides model
+fields, for every model that has them (e.g. the same total hidden_size for RIMs and the LSTM).
 """
 
 import argparse
 import json
 import statistics
 import time
+from dataclasses import fields
 
 import torch
 
 from data import TASKS
-from train import MODELS, autocast_for, autodetect_device, compile_for_training, model_config_for
+from train import MODELS, PRESETS, autocast_for, autodetect_device, compile_for_training, model_config_for, split_flags
 
 
-def time_training(model_name, task_name, batch_size, device, compile_model, warmup, runs, steps):
-    task = TASKS[task_name][1](TASKS[task_name][0]())
-    model = MODELS[model_name][1](model_config_for(model_name, task, {})).to(device)
+def parse_settings(text):
+    """'hidden_size=600,num_layers=1' -> {'hidden_size': '600', ...} (converted per model field)."""
+    pairs = [item.split("=", 1) for item in text.split(",") if item]
+    if any(len(p) != 2 for p in pairs):
+        raise ValueError(f"--set takes name=value pairs separated by commas, got {text!r}")
+    return dict(pairs)
+
+
+def model_values(model_name, task_name, settings):
+    """The preset's model fields for (model, task), then --set values for the fields this model has."""
+    config_cls = MODELS[model_name][0]
+    values = split_flags(PRESETS.get((model_name, task_name), {}), config_cls)
+    for f in fields(config_cls):
+        if f.name in settings:
+            values[f.name] = f.type(settings[f.name]) if f.type is not bool else settings[f.name] == "true"
+    return values
+
+
+def time_training(model_name, task_name, batch_size, device, compile_model, warmup, runs, steps,
+                  settings=None, data_dir=None):
+    task = TASKS[task_name][1](TASKS[task_name][0](), data_dir=data_dir)
+    values = model_values(model_name, task_name, settings or {})
+    model = MODELS[model_name][1](model_config_for(model_name, task, values)).to(device)
     if compile_model:
         model = compile_for_training(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -56,6 +80,7 @@ def time_training(model_name, task_name, batch_size, device, compile_model, warm
         per_step.append((time.perf_counter() - t0) / steps)
     ms = 1000 * statistics.median(per_step)
     return {"model": model_name, "task": task_name, "setting": task.bench_setting, "batch": batch_size,
+            "config": values, "params": sum(p.numel() for p in model.parameters()),
             "device": device, "compile": compile_model, "threads": torch.get_num_threads(),
             "ms_per_step": round(ms, 2), "ms_per_seq": round(ms / batch_size, 3),
             "seq_per_s": round(1000 * batch_size / ms, 1)}
@@ -73,6 +98,8 @@ def main():
     parser.add_argument("--runs", type=int, default=5, help="timed runs; the median is reported")
     parser.add_argument("--steps", type=int, default=10, help="training steps per timed run")
     parser.add_argument("--json", default="", help="also append the rows to this file as JSON lines")
+    parser.add_argument("--set", default="", help="model fields for every model that has them, e.g. hidden_size=600")
+    parser.add_argument("--data_dir", default="", help="for tasks on real datasets (seqmnist)")
     args = parser.parse_args()
     models, tasks = args.models.split(","), args.tasks.split(",")
     unknown = [m for m in models if m not in MODELS] + [t for t in tasks if t not in TASKS]
@@ -88,7 +115,8 @@ def main():
                 continue
             for batch_size in map(int, args.batch_sizes.split(",")):
                 row = time_training(model_name, task_name, batch_size, device, args.compile,
-                                    args.warmup, args.runs, args.steps)
+                                    args.warmup, args.runs, args.steps, parse_settings(args.set),
+                                    args.data_dir or None)
                 print(f"{model_name:<8} {task_name:<20} {batch_size:>5} {row['ms_per_step']:>9.2f} "
                       f"{row['ms_per_seq']:>8.3f} {row['seq_per_s']:>8.1f}", flush=True)
                 if args.json:

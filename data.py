@@ -14,6 +14,13 @@ mask (B, T), 1 where the model is scored. Everything is generated on the fly fro
 the same seed gives the same data. Add a task: write its class here and add it to TASKS.
 """
 
+import gzip
+import hashlib
+import math
+import os
+import struct
+import urllib.request
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +43,14 @@ class SequenceTask:
 
     def eval_batch(self, setting, batch_size, generator):
         return self.make_batch(batch_size, generator, **self.eval_settings[setting])
+
+    def eval_count(self, setting):
+        """How many test samples the setting has."""
+        return self.config.eval_samples
+
+    def metric_key(self, metric, setting):
+        """The name metrics.json gives a metric measured on a setting."""
+        return f"{metric}@{setting}"
 
     def loss(self, logits, batch):
         """Binary cross-entropy on the scored positions, mean per scored bit."""
@@ -381,6 +396,274 @@ class Addition(SequenceTask):
 
 
 # ----------------------------------------------------------------------------------------------
+# RIMs paper (Goyal et al. 2019, arXiv:1909.10893), section 4.1 and Table 1: copying over a delay
+
+@dataclass
+class CopyDelayConfig:
+    num_symbols: int = 8  # symbols 1..8 (0 is the blank, num_symbols + 1 the delimiter)
+    length: int = 10  # symbols to remember and reproduce
+    delay: int = 50  # T, Table 1: trained with T = 50
+    eval_delays: tuple = (50, 200)  # Table 1: tested with T = 200
+    eval_samples: int = 512  # test sequences per delay
+
+    def __post_init__(self):
+        _check_positive(self, "num_symbols", "length", "delay", "eval_samples")
+        if not self.eval_delays or min(self.eval_delays) < 1:
+            raise ValueError(f"eval_delays must be positive, got {self.eval_delays}")
+
+
+class CopyDelay(SequenceTask):
+    """Tokens: `length` symbols drawn uniformly from 1..num_symbols, then T - 1 blanks (0), the
+    delimiter (num_symbols + 1), then `length` blanks during which the symbols must be reproduced
+    in order: length + T + length steps. Inputs are one-hot over the symbols and the delimiter (the
+    model's input maps embed them); a blank is no input, a zero vector. Targets are token ids over
+    the whole vocabulary, the blank everywhere but the recall positions.
+    Only the `length` recall positions are scored: averaged over all positions, a model that
+    always answers blank would look almost perfect. Metrics: ce, the mean cross-entropy (nats)
+    per recall position, and acc, the % of recalled symbols right."""
+
+    metric = "acc"
+
+    def __init__(self, config, data_dir=None):
+        super().__init__(config)
+        self.vocab = config.num_symbols + 2
+        self.spec = {"kind": self.kind, "input_size": self.vocab - 1, "output_size": self.vocab}
+        self.eval_settings = {str(t): {"delay": t} for t in config.eval_delays}
+        self.bench_setting = str(config.delay)
+
+    def sample_train_setting(self, generator):
+        return {"delay": self.config.delay}
+
+    def make_batch(self, batch_size, generator, delay):
+        c, B = self.config, batch_size
+        T = c.length + delay + c.length
+        symbols = torch.randint(1, c.num_symbols + 1, (B, c.length), generator=generator)
+        tokens = torch.zeros(B, T, dtype=torch.long)
+        tokens[:, : c.length] = symbols
+        tokens[:, c.length + delay - 1] = c.num_symbols + 1  # the delimiter, after T - 1 blanks
+        y = torch.zeros(B, T, dtype=torch.long)
+        y[:, T - c.length:] = symbols
+        mask = torch.zeros(B, T)
+        mask[:, T - c.length:] = 1.0
+        x = F.one_hot(tokens, self.vocab)[..., 1:].float()  # the blank (token 0) is all zeros
+        return {"x": x, "y": y, "mask": mask}
+
+    def loss(self, logits, batch):
+        """Cross-entropy on the recall positions, mean per position."""
+        ce = F.cross_entropy(logits.float().transpose(1, 2), batch["y"], reduction="none")  # (B, T)
+        return (ce * batch["mask"]).sum() / batch["mask"].sum()
+
+    def metrics(self, logits, batch, internals):
+        mask = batch["mask"]
+        ce = F.cross_entropy(logits.float().transpose(1, 2), batch["y"], reduction="none")
+        right = (logits.argmax(-1) == batch["y"]).float()
+        per_seq = mask.sum(1)
+        return {"ce": ((ce * mask).sum(1) / per_seq).sum().item(),
+                "acc": 100.0 * ((right * mask).sum(1) / per_seq).sum().item(), "count": logits.shape[0]}
+
+    def figure_panels(self, logits, batch, internals, index=0):
+        """Input tokens over time, then target and output distributions over the recall positions."""
+        keep = batch["mask"][index] > 0
+        target = F.one_hot(batch["y"][index][keep], self.vocab).float().T
+        return [("input tokens", batch["x"][index].T), ("target", target),
+                ("output", torch.softmax(logits[index].float(), -1)[keep].T)]
+
+
+# ----------------------------------------------------------------------------------------------
+# MNIST from its four IDX files: downloaded once, checksum-verified, read offline afterwards
+
+class DatasetError(Exception):
+    """A dataset file is missing, corrupt or cannot be fetched: one line that says what to do."""
+
+
+DEFAULT_DATA_DIR = os.path.join(os.path.expanduser("~"), ".cache", "nanosystem2")
+MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"  # the mirror torchvision reads
+MNIST_FILES = {  # name -> md5 of the gzipped file (the values in torchvision's mnist.py)
+    "train-images-idx3-ubyte": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "train-labels-idx1-ubyte": "d53e105ee54ea40749a09fcbcd1e9432",
+    "t10k-images-idx3-ubyte": "9fb629c4189551a2d022fa330f9573f3",
+    "t10k-labels-idx1-ubyte": "ec29112dd5afa0611ce80d1b7f02629c",
+}
+
+
+def md5_of(path):
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download(url, path, md5):
+    """Fetch url to path (atomically: a part file renamed once whole), checking its md5."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    part = f"{path}.part"
+    try:
+        urllib.request.urlretrieve(url, part)
+    except Exception as e:
+        if os.path.exists(part):
+            os.remove(part)
+        raise DatasetError(f"could not download {url} ({e}): put the file in {os.path.dirname(path)} "
+                           "yourself and pass that folder as --data_dir")
+    if md5_of(part) != md5:
+        os.remove(part)
+        raise DatasetError(f"{url} arrived with the wrong md5: try again, or put the file in "
+                           f"{os.path.dirname(path)} yourself and pass that folder as --data_dir")
+    os.replace(part, path)
+
+
+def read_idx(path):
+    """An IDX file (gzipped or raw) -> uint8 tensor of the shape its header gives."""
+    try:
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rb") as f:
+            data = f.read()
+        zero, dtype, ndim = struct.unpack(">HBB", data[:4])
+        if zero != 0 or dtype != 0x08:
+            raise ValueError("not an IDX file of unsigned bytes")
+        shape = struct.unpack(f">{ndim}I", data[4: 4 + 4 * ndim])
+        count = math.prod(shape)
+        if len(data) != 4 + 4 * ndim + count:
+            raise ValueError(f"{len(data) - 4 - 4 * ndim} bytes of data for shape {shape}: truncated")
+    except (OSError, EOFError, ValueError, struct.error, zlib.error) as e:
+        raise DatasetError(f"{path} is not a readable IDX file ({e}): delete it and fetch it again")
+    return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).view(*shape)
+
+
+def dataset_file(data_dir, name, md5, url):
+    """The path of `name` (or `name`.gz) in data_dir; the gzipped file is downloaded from url if neither
+    is there. A gzipped file must have the md5 given; a raw one is checked by its IDX header."""
+    raw, packed = os.path.join(data_dir, name), os.path.join(data_dir, name + ".gz")
+    if os.path.exists(packed):
+        if md5_of(packed) != md5:
+            raise DatasetError(f"{packed} has the wrong md5 (corrupt or another file): delete it to "
+                               f"download it again, or fix --data_dir")
+        return packed
+    if os.path.exists(raw):
+        return raw
+    download(url + name + ".gz", packed, md5)
+    return packed
+
+
+def load_mnist(data_dir=None, split="train"):
+    """MNIST's images (N, 28, 28) uint8 and labels (N,) int64, split 'train' (60,000) or 'test'
+    (10,000), from the IDX files in data_dir (default ~/.cache/nanosystem2/mnist); a missing file
+    is downloaded from MNIST_URL and its md5 checked."""
+    folder = data_dir or os.path.join(DEFAULT_DATA_DIR, "mnist")
+    prefix = {"train": "train", "test": "t10k"}[split]
+    images, labels = (read_idx(dataset_file(folder, f"{prefix}-{kind}", MNIST_FILES[f"{prefix}-{kind}"], MNIST_URL))
+                      for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"))
+    if images.dim() != 3 or labels.dim() != 1 or len(images) != len(labels):
+        raise DatasetError(f"the MNIST {split} files in {folder} do not match (images {tuple(images.shape)}, "
+                           f"labels {tuple(labels.shape)}): delete them and fetch them again")
+    return images, labels.long()
+
+
+def binarise_and_resize(images, size, threshold=0.5):
+    """uint8 images (N, 28, 28) -> {0, 1} float images (N, size, size): pixels above threshold * 255
+    are 1, then nearest-neighbour resizing (torch's 'nearest-exact', pixel centres), so every pixel
+    stays 0 or 1. The same function makes the training and the test resolutions."""
+    binary = (images.float() > threshold * 255).float().unsqueeze(1)  # (N, 1, 28, 28)
+    return F.interpolate(binary, size=(size, size), mode="nearest-exact").squeeze(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# RIMs paper, section 4.1 and Table 1: sequential MNIST at resolutions not seen in training
+
+@dataclass
+class SeqMNISTConfig:
+    resolution: int = 14  # Table 1: trained at 14 x 14
+    eval_resolutions: tuple = (16, 19, 24)  # Table 1: tested at 16, 19, 24 (and 14)
+    threshold: float = 0.5  # binarise: pixel > threshold * 255
+    val_size: int = 12000  # 48k / 12k train / validation split of the 60k training images
+    train_size: int = 0  # use only this many of the 48k training images (0 = all)
+    eval_samples: int = 10000  # test images per resolution (the first ones of the test set)
+    val_samples: int = 12000  # validation images used to select the checkpoint
+
+    def __post_init__(self):
+        _check_positive(self, "resolution", "val_size", "eval_samples", "val_samples")
+        if not 0 < self.threshold < 1:
+            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+        if self.val_size >= 60000 or self.train_size < 0 or self.val_samples > self.val_size:
+            raise ValueError("need val_size < 60000, train_size >= 0 and val_samples <= val_size")
+        if min(self.eval_resolutions, default=1) < 1 or self.eval_samples > 10000:
+            raise ValueError("eval_resolutions must be positive and eval_samples at most 10000")
+
+
+class SeqMNIST(SequenceTask):
+    """Binarised MNIST digits read one pixel per step in row-major order (R * R steps, input size 1),
+    classified from the output at the last step. Trained at `resolution`; the validation split (the
+    same resolution) selects the checkpoint; the test set is read at every resolution for the final
+    report. Metrics: acc@R, % of test images right at R x R, and val_acc@R on the validation split."""
+
+    metric = "acc"
+
+    def __init__(self, config, data_dir=None):
+        super().__init__(config)
+        c = config
+        self.spec = {"kind": self.kind, "input_size": 1, "output_size": 10}
+        images, labels = load_mnist(data_dir, "train")
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))  # a fixed split
+        val, train = order[: c.val_size], order[c.val_size:]
+        train = train[: c.train_size] if c.train_size else train
+        self.train_images, self.train_labels = binarise_and_resize(images[train], c.resolution, c.threshold), labels[train]
+        self.val_images = binarise_and_resize(images[val[: c.val_samples]], c.resolution, c.threshold)
+        self.val_labels = labels[val[: c.val_samples]]
+        test_images, self.test_labels = load_mnist(data_dir, "test")
+        test_images, self.test_labels = test_images[: c.eval_samples], self.test_labels[: c.eval_samples]
+        resolutions = sorted({c.resolution, *c.eval_resolutions})
+        self.test_images = {r: binarise_and_resize(test_images, r, c.threshold) for r in resolutions}
+        # the validation setting first: train.py evaluates the settings named in selection_settings
+        # during training and all of them for the final report
+        self.eval_settings = {f"val{c.resolution}": {}, **{str(r): {} for r in resolutions}}
+        self.selection_settings = (f"val{c.resolution}",)
+        self.selection_metric = f"val_acc@{c.resolution}"
+        self.bench_setting = str(c.resolution)
+        self.eval_cursor = {}
+
+    def eval_count(self, setting):
+        return len(self.val_labels) if setting.startswith("val") else len(self.test_labels)
+
+    def metric_key(self, metric, setting):
+        """'acc' on 'val14' -> 'val_acc@14'; on '16' -> 'acc@16'."""
+        return f"val_{metric}@{setting[3:]}" if setting.startswith("val") else f"{metric}@{setting}"
+
+    def as_batch(self, images, labels):
+        B, R, _ = images.shape
+        mask = torch.zeros(B, R * R)
+        mask[:, -1] = 1.0  # classified from the last step
+        return {"x": images.reshape(B, R * R, 1), "y": labels, "mask": mask}
+
+    def train_batch(self, batch_size, generator):
+        index = torch.randint(0, len(self.train_labels), (batch_size,), generator=generator)
+        return self.as_batch(self.train_images[index], self.train_labels[index])
+
+    def eval_batch(self, setting, batch_size, generator):
+        """The next batch_size images of the setting's fixed set (validation or test), in order."""
+        images, labels = ((self.val_images, self.val_labels) if setting.startswith("val")
+                          else (self.test_images[int(setting)], self.test_labels))
+        start = self.eval_cursor.get(setting, 0) % len(labels)
+        self.eval_cursor[setting] = start + batch_size
+        return self.as_batch(images[start: start + batch_size], labels[start: start + batch_size])
+
+    def loss(self, logits, batch):
+        return F.cross_entropy(logits[:, -1].float(), batch["y"])
+
+    def metrics(self, logits, batch, internals):
+        right = (logits[:, -1].argmax(-1) == batch["y"]).float().sum().item()
+        return {"acc": 100.0 * right, "count": logits.shape[0]}
+
+    def figure_panels(self, logits, batch, internals, index=0):
+        """The digit, then for each module the steps it was active at, laid out as the image."""
+        R = math.isqrt(batch["x"].shape[1])
+        panels = [("digit", batch["x"][index].view(R, R))]
+        if "active_modules" in internals:
+            active = internals["active_modules"][index].T.reshape(-1, R, R)  # (M, R, R)
+            panels += [(f"module {m} active", a) for m, a in enumerate(active)]
+        return panels
+
+
+# ----------------------------------------------------------------------------------------------
 
 TASKS = {  # name -> (config class, task class)
     "copy": (CopyConfig, Copy),
@@ -388,4 +671,6 @@ TASKS = {  # name -> (config class, task class)
     "associative_recall": (AssociativeRecallConfig, AssociativeRecall),
     "parity": (ParityConfig, Parity),
     "addition": (AdditionConfig, Addition),
+    "copy_delay": (CopyDelayConfig, CopyDelay),
+    "seqmnist": (SeqMNISTConfig, SeqMNIST),
 }

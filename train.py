@@ -31,16 +31,18 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from tqdm import tqdm
 
-from data import TASKS
+from data import TASKS, DatasetError
 from act import ACT, ACTConfig
 from lstm import LSTM, LSTMConfig
 from ntm import NTM, NTMConfig
+from rims import RIMs, RIMsConfig
 
 # name -> (config class, model class, task kinds it fits). Adding a model is one row here.
 MODELS = {
     "ntm": (NTMConfig, NTM, ("sequence",)),
     "lstm": (LSTMConfig, LSTM, ("sequence",)),
     "act": (ACTConfig, ACT, ("sequence",)),
+    "rims": (RIMsConfig, RIMs, ("sequence",)),
 }
 
 # The settings (training, model or task fields) that reproduce each result; flags override them.
@@ -53,6 +55,19 @@ PRESETS = {
     # ACT paper, section 3.3: one LSTM layer of 512 cells, batch 32, at most M = 20 ponder steps
     ("act", "addition"): dict(cell="lstm", hidden_size=512, max_steps=20, max_iters=2500, batch_size=32,
                               lr=1e-3, eval_interval=500, log_interval=50),
+    # RIMs paper, Table 1 (copying): k_T = 6, k_A = 4, sized down for a CPU (see README)
+    ("rims", "copy_delay"): dict(hidden_size=120, input_key_size=32, input_value_size=32, comm_key_size=16,
+                                 comm_value_size=16, max_iters=2000, batch_size=32, lr=3e-3, grad_clip=1.0,
+                                 eval_interval=250, log_interval=25),
+    ("lstm", "copy_delay"): dict(hidden_size=120, num_layers=1, max_iters=2000, batch_size=32, lr=3e-3,
+                                 grad_clip=1.0, eval_interval=250, log_interval=25),
+    # RIMs paper, Table 1 (sequential MNIST): k_T = 6, k_A = 4 at hidden 600 for 100 epochs; this preset is
+    # a CPU-sized version (hidden 120, 200 steps of 64 images); the paper's command is in the README
+    ("rims", "seqmnist"): dict(hidden_size=120, input_key_size=32, input_value_size=32, comm_key_size=16,
+                               comm_value_size=16, max_iters=200, batch_size=64, lr=3e-3, grad_clip=1.0,
+                               eval_interval=50, log_interval=10, val_samples=2000, eval_samples=2000),
+    ("lstm", "seqmnist"): dict(hidden_size=120, num_layers=1, max_iters=200, batch_size=64, lr=3e-3, grad_clip=1.0,
+                               eval_interval=50, log_interval=10, val_samples=2000, eval_samples=2000),
     ("lstm", "addition"): dict(hidden_size=512, num_layers=1, max_iters=10000, batch_size=32, lr=1e-3,
                                eval_interval=1000, log_interval=50),
 }
@@ -325,7 +340,7 @@ def evaluate(model, task, eval_data, device, autocast):
             for key, value in task.metrics(logits, batch, internals).items():
                 totals[key] = totals.get(key, 0) + value
         count = totals.pop("count")
-        results.update({f"{key}@{setting}": value / count for key, value in totals.items()})
+        results.update({task.metric_key(key, setting): value / count for key, value in totals.items()})
     model.train()
     return results
 
@@ -376,7 +391,10 @@ def main(argv=None):
     ckpt = load_checkpoint(ckpt_path, model_name, task_name) if (cfg.resume or cfg.eval_only) else None
     task_values = ckpt["task_config"] if ckpt else split_flags(preset, task_cls_cfg)
     task_cfg = build_config(task_cls_cfg, {**task_values, **split_flags(flags, task_cls_cfg)}, "task")
-    task = task_cls(task_cfg, data_dir=cfg.data_dir or None)
+    try:
+        task = task_cls(task_cfg, data_dir=cfg.data_dir or None)
+    except DatasetError as e:
+        raise UserError(str(e))
     if task.spec["kind"] not in kinds:
         fitting = [m for m, (_, _, k) in MODELS.items() if task.spec["kind"] in k]
         raise UserError(f"--model {model_name} does not fit --task {task_name} ({task.spec['kind']} data): "
@@ -403,25 +421,41 @@ def main(argv=None):
 
     # evaluation data: fixed seeds, the same for every run and every training seed
     eval_gen = torch.Generator().manual_seed(1234)
-    n = task_cfg.eval_samples
-    eval_data = {s: [task.eval_batch(s, min(cfg.batch_size * 8, n - i), eval_gen) for i in range(0, n, cfg.batch_size * 8)]
+    chunk = cfg.batch_size * 8
+    eval_data = {s: [task.eval_batch(s, min(chunk, task.eval_count(s) - i), eval_gen) for i in range(0, task.eval_count(s), chunk)]
                  for s in task.eval_settings}
+    # tasks with a validation split (e.g. seqmnist) evaluate only it during training, keep the
+    # checkpoint that scores best on it and report every setting (the test sets) for that one
+    selection = getattr(task, "selection_metric", None)
+    periodic_settings = getattr(task, "selection_settings", None) or tuple(eval_data)
+    best = {"value": -math.inf, "iter": 0, "model": None}
 
     raw_model = model  # saved and evaluated; a compiled / DDP-wrapped one may train
 
-    def evaluation(at_iter, train_seconds):
-        return {**evaluate(raw_model, task, eval_data, device, autocast), "iter": at_iter,
+    def evaluation(at_iter, train_seconds, settings=None):
+        data = {s: eval_data[s] for s in (settings or eval_data)}
+        return {**evaluate(raw_model, task, data, device, autocast), "iter": at_iter,
                 "seconds": round(train_seconds, 1)}
+
+    def final_evaluation():
+        """Every setting, on the selected checkpoint where the task selects one."""
+        if selection and best["model"] is not None:
+            raw_model.load_state_dict(best["model"])
+            return {**evaluation(iter_num, seconds), "selected_iter": best["iter"]}
+        return evaluation(iter_num, seconds)
 
     def write_results(metrics):
         atomic_write(os.path.join(out_dir, "metrics.json"), json.dumps(metrics, indent=2))
         if cfg.figures:
             draw_figures(raw_model, task, eval_data, out_dir, device, autocast)
 
+    if ckpt and ckpt.get("best"):
+        best = ckpt["best"]
     if cfg.eval_only:
         metrics = None
         if master:
-            metrics = evaluation(ckpt["iter"], ckpt["seconds"])  # seconds: the training time, as after training
+            iter_num, seconds = ckpt["iter"], ckpt["seconds"]  # seconds: the training time, as after training
+            metrics = final_evaluation()
             write_results(metrics)
             print(json.dumps(metrics))
         return {"metrics": metrics, "model": model}
@@ -462,7 +496,8 @@ def main(argv=None):
                 "model_name": model_name, "task_name": task_name, "model": raw_model.state_dict(),
                 "optimizer": optimizer.state_dict(), "model_config": asdict(model_cfg),
                 "task_config": asdict(task_cfg), "train_config": asdict(cfg), "iter": iter_num,
-                "seconds": seconds, "rng": {"data": rng_data, "torch": torch.get_rng_state()}}, buffer)
+                "seconds": seconds, "rng": {"data": rng_data, "torch": torch.get_rng_state()},
+                "best": best if selection else None}, buffer)
             atomic_write(ckpt_path, buffer.getvalue())
 
     metrics = {}
@@ -501,15 +536,18 @@ def main(argv=None):
         bar.update(1)
         if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
             if master:
-                metrics = evaluation(iter_num, seconds)
+                metrics = evaluation(iter_num, seconds, periodic_settings)
                 log(metrics)
+                if selection and metrics[selection] > best["value"]:
+                    best = {"value": metrics[selection], "iter": iter_num,
+                            "model": {k: v.detach().cpu().clone() for k, v in raw_model.state_dict().items()}}
                 bar.write(" ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
             checkpoint()
     bar.close()
 
     if master:
-        if not metrics:  # nothing left to train (e.g. --resume at max_iters): evaluate as is
-            metrics = evaluation(iter_num, seconds)
+        if selection or not metrics:  # select, or nothing left to train (--resume at max_iters)
+            metrics = final_evaluation()
         write_results(metrics)
         scores = ", ".join(f"{k} {v:.3g}" for k, v in metrics.items() if "@" in k)
         print(f"{model_name} on {task_name}: {scores} after {iter_num} steps in {seconds:.0f} s of training.\n"

@@ -1,16 +1,18 @@
-"""Properties every sequence model here must have, checked on the NTM and the LSTM baseline."""
+"""Properties every sequence model here must have, checked on the NTM, the LSTM baseline and RIMs."""
 
 import pytest
 import torch
 
 from lstm import LSTM, LSTMConfig
 from ntm import NTM, NTMConfig
+from rims import RIMs, RIMsConfig
 
 MODELS = {
     "ntm_lstm_controller": lambda: NTM(NTMConfig(memory_size=16, controller_size=32)),
     "ntm_feedforward_2x2_heads": lambda: NTM(NTMConfig(controller="feedforward", memory_size=16,
                                                        num_read_heads=2, num_write_heads=2)),
     "lstm": lambda: LSTM(LSTMConfig(hidden_size=32, num_layers=2)),
+    "rims": lambda: RIMs(RIMsConfig(input_size=9, output_size=8, hidden_size=24, input_value_size=16)),
 }
 
 

@@ -1,0 +1,73 @@
+"""
+One RIMs training step against one step of torch's fused nn.LSTM (our lstm.py, one layer) of the
+same total hidden size, on the same batch of copy_delay sequences, timed side by side: the two
+alternate, run after run, so that a noisy machine slows both alike.
+
+    python benchmarks/rims_vs_lstm.py                          # hidden 600 (the paper's), batch 64, T = 50
+    python benchmarks/rims_vs_lstm.py --hidden_size 240 --input_value_size 64 --threads 1
+
+Prints the median ms per training step (forward, backward, Adam) of each and their ratio.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from data import CopyDelay, CopyDelayConfig  # noqa: E402
+from lstm import LSTM, LSTMConfig  # noqa: E402
+from rims import RIMs, RIMsConfig  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden_size", type=int, default=600)
+    parser.add_argument("--input_value_size", type=int, default=400)
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--delay", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=3, help="training steps per timed run")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    task = CopyDelay(CopyDelayConfig(delay=args.delay))
+    batch = task.train_batch(args.batch_size, torch.Generator().manual_seed(0))
+    size = dict(input_size=task.spec["input_size"], output_size=task.spec["output_size"], hidden_size=args.hidden_size)
+    models = {"rims": RIMs(RIMsConfig(**size, input_value_size=args.input_value_size)),
+              "lstm": LSTM(LSTMConfig(**size, num_layers=1))}
+    optimizers = {name: torch.optim.Adam(m.parameters(), lr=1e-4) for name, m in models.items()}
+
+    def train_step(name):
+        logits, _ = models[name](batch["x"])
+        loss = task.loss(logits, batch)
+        optimizers[name].zero_grad(set_to_none=True)
+        loss.backward()
+        optimizers[name].step()
+
+    for name in models:  # warm-up
+        train_step(name)
+    times = {name: [] for name in models}
+    for _ in range(args.runs):
+        for name in models:
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                train_step(name)
+            times[name].append(1000 * (time.perf_counter() - t0) / args.steps)
+    ms = {name: statistics.median(t) for name, t in times.items()}
+    steps = batch["x"].shape[1]
+    print(f"copy_delay T = {args.delay} ({steps} steps), batch {args.batch_size}, hidden {args.hidden_size}, "
+          f"{torch.get_num_threads()} thread(s), median of {args.runs} runs of {args.steps} steps")
+    for name, model in models.items():
+        params = sum(p.numel() for p in model.parameters())
+        print(f"{name:<5} {ms[name]:9.1f} ms/step  {params:>9,} parameters")
+    print(f"rims / lstm = {ms['rims'] / ms['lstm']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
