@@ -36,6 +36,7 @@ from act import ACT, ACTConfig
 from lstm import LSTM, LSTMConfig
 from ntm import NTM, NTMConfig
 from rims import RIMs, RIMsConfig
+from brims import BRIMs, BRIMsConfig
 
 # name -> (config class, model class, task kinds it fits). Adding a model is one row here.
 MODELS = {
@@ -43,6 +44,7 @@ MODELS = {
     "lstm": (LSTMConfig, LSTM, ("sequence",)),
     "act": (ACTConfig, ACT, ("sequence",)),
     "rims": (RIMsConfig, RIMs, ("sequence",)),
+    "brims": (BRIMsConfig, BRIMs, ("sequence",)),
 }
 
 # The settings (training, model or task fields) that reproduce each result; flags override them.
@@ -66,6 +68,12 @@ PRESETS = {
     ("rims", "seqmnist"): dict(hidden_size=120, input_key_size=32, input_value_size=32, comm_key_size=16,
                                comm_value_size=16, max_iters=200, batch_size=64, lr=3e-3, grad_clip=1.0,
                                eval_interval=50, log_interval=10, val_samples=2000, eval_samples=2000),
+    # BRIMs paper, Table 1: two layers of RIMs; the RIMs CPU-scale protocol above, each layer the size of
+    # that RIMs model (6 modules, 4 active, hidden 120)
+    ("brims", "seqmnist"): dict(num_layers=2, num_modules=(6,), num_active=(4,), hidden_size=(120,), input_key_size=32,
+                                input_value_size=32, comm_key_size=16, comm_value_size=16, max_iters=200, batch_size=64,
+                                lr=3e-3, grad_clip=1.0, eval_interval=50, log_interval=10, val_samples=2000,
+                                eval_samples=2000),
     ("lstm", "seqmnist"): dict(hidden_size=120, num_layers=1, max_iters=200, batch_size=64, lr=3e-3, grad_clip=1.0,
                                eval_interval=50, log_interval=10, val_samples=2000, eval_samples=2000),
     ("lstm", "addition"): dict(hidden_size=512, num_layers=1, max_iters=10000, batch_size=32, lr=1e-3,
@@ -160,15 +168,21 @@ def parse_args(argv):
     parser.add_argument("--task", default="copy", help=f"one of {', '.join(TASKS)}")
     preset = PRESETS.get((known.model, known.task))
     add_fields(parser, "training", TrainConfig, defaults=preset)
-    add_fields(parser, f"model ({known.model})", model_cfg, skip=("input_size", "output_size"), defaults=preset)
+    add_fields(parser, f"model ({known.model})", model_cfg, skip=("input_size", "output_size", "input_vocab"), defaults=preset)
     add_fields(parser, f"task ({known.task})", task_cfg, defaults=preset)
     args = vars(parser.parse_args(argv))
     return args.pop("model"), args.pop("task"), args
 
 
 def model_config_for(model_name, task, values):
-    """The model's config, sized for the task's inputs and outputs."""
-    sizes = {k: task.spec[k] for k in ("input_size", "output_size") if k in task.spec}
+    """The model's config, sized for the task's inputs and outputs (every spec entry the config has a
+    field for: input_size, output_size, and input_vocab for tasks whose inputs are integer codes)."""
+    names = {f.name for f in fields(MODELS[model_name][0])}
+    if task.spec.get("input_vocab") and "input_vocab" not in names:
+        fitting = [m for m, (cfg, _, _) in MODELS.items() if "input_vocab" in {f.name for f in fields(cfg)}]
+        raise UserError(f"--model {model_name} cannot embed this task's integer inputs (input_vocab "
+                        f"{task.spec['input_vocab']}): use {', '.join(fitting)}")
+    sizes = {k: v for k, v in task.spec.items() if k != "kind" and k in names}
     return build_config(MODELS[model_name][0], {**values, **sizes}, "model")
 
 
