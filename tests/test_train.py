@@ -187,7 +187,7 @@ def test_the_command_line_prints_one_error_line_and_exits_non_zero(tmp_path):
     proc = subprocess.run([sys.executable, "train.py", "--model", "gpt", "--out_dir", out],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["error: unknown model 'gpt': choose one of ntm, lstm, act, rims"]
+    assert proc.stderr.strip().splitlines() == ["error: unknown model 'gpt': choose one of ntm, lstm, act, rims, brims"]
     assert not os.path.exists(out)
 
 
