@@ -17,16 +17,18 @@ The idea:
 - A module that stays inactive keeps its state unchanged for as long as it stays inactive, which
   is why RIMs can hold information over delays far longer than those seen in training.
 
-Paper symbol -> variable -> shape  (B batch, T steps, M = k_T modules, S = module_size = hidden_size / M)
-    x_t               x[:, t]          (B, input_size)
-    h_{t,k}, c_{t,k}  h, c             (B, M, S)
-    Q (Eq. 1)         input_query      (B, M, input_key_size), one query weight per module
-    K, V (Eq. 1)      input_key/value  (B, input_key_size) and (B, input_value_size); the null row's are 0
-    A^(in)_k (Eq. 1)  read             (B, M, input_value_size)
-    S_t               active           (B, M) bool, exactly k_A True per sample
-    h~_{t,k} (Eq. 2)  h_cell, c_cell   (B, M, S)
-    Eq. 3             comm_*           4 heads of size comm_key_size / comm_value_size over the M modules
-    y_t               logits           (B, T, output_size), a linear read of all modules' h
+Paper symbol -> variable -> shape  (B batch, T steps, M = k_T modules, S = module_size = hidden_size / M;
+section numbers of the paper beside each)
+    x_t                   x[:, t]            (B, input_size)
+    h_{t,k}, c_{t,k}      h, c               (B, M, S)
+    Q, 2.2                input_query        (M, S, input_key_size): one query map per module
+    K, V of x_t, 2.2      input_key/value    (B, T, input_key_size), (B, T, input_value_size); the null's are 0
+    softmax over [0, x]   input_attention    (B, M), attention on x_t; the null row gets 1 minus it
+    A^(in)_k, 2.2         input_attention * V, fed to module k's cell as W_k A_k = p_k (W_k V): weighted_value
+    S_t                   active             (B, M) bool, exactly k_A True per sample
+    h~_{t,k}, 2.3         h_cell, c_cell     (B, M, S)
+    communication, 2.4    comm_*             comm_heads heads of size comm_key_size / comm_value_size over the M modules
+    y_t                   logits             (B, T, output_size), a linear read of all modules' h
 
 Choices the paper leaves open, and what we do:
 - The null input is a row of zeros and the input key and value maps have no bias, so the null's
@@ -37,16 +39,16 @@ Choices the paper leaves open, and what we do:
 - During communication an inactive module is read with the state it keeps, h_{t-1,k}, detached.
   The official code reads the new state its cell computed and then throws away (and masks its
   gradient); both give an inactive module no gradient through communication.
-- Gated residual (Eq. 3 says "+ h~"): h = h~ + sigmoid(W_g a) * tanh(W_o a), with a the heads'
-  concatenated output, as in the official code. All weights of Eq. 1-3 that act on one module's
+- Gated residual (section 2.4 says "+ h~"): h = h~ + sigmoid(W_g a) * tanh(W_o a), with a the heads'
+  concatenated output, as in the official code. All weights of sections 2.2-2.4 that act on one module's
   state (input query, cell, communication query/key/value/output/gate) are per module.
 - The input key/value maps are shared by the modules (they read the same input); one input head.
 - Dropout on the attention weights (0.1 in the paper) is left out: our runs are short.
 
 Where the official code (github.com/anirudh9119/RIMs) differs: it builds the k_T cells as one
 dense LSTM of the total size with the off-diagonal blocks of its recurrent matrix zeroed, about k_T
-times the work of grouped weights; its communication uses key and value size 16 (the paper's Table 3
-says 32, which we use); its input attention also applies a top-k sparsification to the attention
+times the work of grouped weights; its communication uses key and value size 16 (we take 32 from
+the paper's Table 3); its input attention also applies a top-k sparsification to the attention
 rows, and its copying loss averages over all positions, not only the recalled ones.
 
 Reproduce: python train.py --model rims --task copy_delay ; python train.py --model rims --task seqmnist
@@ -57,7 +59,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 @dataclass
@@ -107,18 +108,18 @@ class RIMs(nn.Module):
         M, S = c.num_modules, c.hidden_size // c.num_modules
         self.module_size = S
         gates = 4 if c.cell == "lstm" else 3
-        # Eq. 1, input attention: per-module queries, shared keys and values of the input (no bias: null -> 0)
+        # Section 2.2, input attention: per-module queries, shared keys and values of the input (no bias: null -> 0)
         self.input_query = grouped(M, S, c.input_key_size, 1 / math.sqrt(S))
         self.input_key = nn.Linear(c.input_size, c.input_key_size, bias=False)
         self.input_value = nn.Linear(c.input_size, c.input_value_size, bias=False)
-        # Eq. 2, independent dynamics: one cell per module, weights (M, in, gates * S), torch's gate order
+        # Section 2.3, independent dynamics: one cell per module, weights (M, in, gates * S), torch's gate order
         # (lstm: i, f, g, o; gru: r, z, n) and torch's initialisation, uniform in +-1/sqrt(S)
         bound = 1 / math.sqrt(S)
         self.cell_input_weight = grouped(M, c.input_value_size, gates * S, bound)
         self.cell_hidden_weight = grouped(M, S, gates * S, bound)
         self.cell_input_bias = nn.Parameter(torch.empty(M, gates * S).uniform_(-bound, bound))
         self.cell_hidden_bias = nn.Parameter(torch.empty(M, gates * S).uniform_(-bound, bound))
-        # Eq. 3, communication: per-module query, key, value, and the gated output back to S
+        # Section 2.4, communication: per-module query, key, value, and the gated output back to S
         if c.communication:
             H, dk, dv = c.comm_heads, c.comm_key_size, c.comm_value_size
             self.comm_query = grouped(M, S, H * dk, bound)
@@ -132,7 +133,7 @@ class RIMs(nn.Module):
         return zeros, zeros
 
     def input_projections(self, x):
-        """What Eq. 1 and 2 compute from the input alone, for all steps at once (they are linear in it).
+        """What sections 2.2 and 2.3 compute from the input alone, for all steps at once (they are linear in it).
         x (B, T, input_size) -> keys (B, T, dk), and each module's cell input weights applied to the
         value: (B, T, M, gates * S). Module k's cell reads A_k = p_k V; since W_k (p_k V) = p_k (W_k V),
         the step scales these by the attention p_k instead of multiplying a (B, M, dv) read per step."""
@@ -140,7 +141,7 @@ class RIMs(nn.Module):
         return key, torch.einsum("btd,mdg->btmg", value, self.cell_input_weight)
 
     def input_attention(self, key, h):
-        """Eq. 1's attention over the rows [null, x_t]. key (B, dk) of x_t, h (B, M, S).
+        """Section 2.2's attention over the rows [null, x_t]. key (B, dk) of x_t, h (B, M, S).
         Returns the attention on x_t (B, M); the null row gets 1 minus it."""
         query = per_module(h, self.input_query)  # (B, M, dk)
         score = (query * key.unsqueeze(1)).sum(-1) / math.sqrt(self.config.input_key_size)  # q_k . k_x
@@ -155,7 +156,7 @@ class RIMs(nn.Module):
         return active.scatter(1, order[:, : self.config.num_active], True)
 
     def cell(self, from_input, h, c):
-        """Eq. 2 for every module at once. from_input (B, M, gates * S): each module's input weights
+        """Section 2.3 for every module at once. from_input (B, M, gates * S): each module's input weights
         applied to what it read (per_module(read, cell_input_weight)); h, c (B, M, S) -> new h, c.
         Equal to running module k's own nn.LSTMCell / nn.GRUCell, weights W[k].T, on its slice."""
         S = self.module_size
@@ -171,7 +172,7 @@ class RIMs(nn.Module):
         return h_new, h_new  # a GRU has no cell state: c mirrors h
 
     def communicate(self, h_cell, h_kept, active):
-        """Eq. 3: active modules read every module through multi-head attention, gated residual.
+        """Section 2.4: active modules read every module through multi-head attention, gated residual.
         Queries come from the new states h~ (B, M, S); keys and values from each module's state at
         this step, h~ for active modules and the kept, detached h_{t-1} for inactive ones."""
         c = self.config
@@ -191,13 +192,13 @@ class RIMs(nn.Module):
         """One time step. key (B, dk) and weighted_value (B, M, gates * S): x_t's row of
         input_projections; h and c (B, M, S).
         Returns the new h, c, the active mask (B, M) and the attention on the null input (B, M)."""
-        input_attention = self.input_attention(key, h)  # Eq. 1
+        input_attention = self.input_attention(key, h)  # section 2.2
         null_attention = 1 - input_attention
         active = self.select_active(null_attention)  # S_t, top-k_A
         from_input = input_attention.unsqueeze(-1) * weighted_value  # W_k A_k, A_k = p_k V (the null's V is 0)
-        h_cell, c_cell = self.cell(from_input, h, c)  # Eq. 2 (computed for all, kept for the active)
+        h_cell, c_cell = self.cell(from_input, h, c)  # section 2.3 (computed for all, kept for the active)
         if self.config.communication:
-            h_cell = self.communicate(h_cell, h, active)  # Eq. 3
+            h_cell = self.communicate(h_cell, h, active)  # section 2.4
         keep = active.unsqueeze(-1)
         # inactive modules: h_{t,k} = h_{t-1,k}, c likewise, exactly
         return torch.where(keep, h_cell, h), torch.where(keep, c_cell, c), active, null_attention

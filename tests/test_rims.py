@@ -82,9 +82,8 @@ def test_the_selection_mask_carries_no_gradient():
     null = torch.rand(3, 6, requires_grad=True)
     active = model.select_active(null)
     assert active.dtype == torch.bool and not active.requires_grad
-    # the choice of winners moves no parameter: scaling the query weights by a positive number
-    # changes the scores but not their order, and the gradient that reaches them comes only
-    # through the soft attention of the modules that read (checked in the next tests)
+    # in the model, the inactive modules' query weights get no gradient at all from a step
+    # (test_no_gradient_reaches_an_inactive_module_through_communication): the choice itself is not differentiated
 
 
 # ----------------------------------------------------------------------------------------------
