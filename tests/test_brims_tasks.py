@@ -174,3 +174,10 @@ def test_noisy_pixels_are_random_bits_at_nested_positions():
     assert torch.equal(many.gather(1, untouched.unsqueeze(-1)), torch.zeros(3, 30, 1))
     assert torch.equal(few.gather(1, positions[:, 5:].unsqueeze(-1)), torch.zeros(3, 45, 1))  # k = 5: the first 5
     assert 0 < few.sum() <= 15 and many.sum() > few.sum()
+
+
+def test_bench_sets_per_layer_values_separated_by_slashes():
+    from bench import model_values
+    values = model_values("brims", "seqmnist", {"hidden_size": "120/60", "num_layers": "2", "communication": "false"})
+    assert values["hidden_size"] == (120, 60) and values["num_layers"] == 2 and values["communication"] is False
+    assert values["num_modules"] == (6,)  # the preset's
