@@ -17,6 +17,9 @@ The idea:
 - How much a module listens to the layer above is learned and varies with the input: when the
   input gets noisy, the paper's Figure 2 shows attention moving from the input to the layer above.
 
+Equation numbers below are the RIMs paper's (Eq. 1 input attention, Eq. 2 the per-module cell,
+Eq. 3 communication), which BRIMs reuse per layer; BRIMs extend Eq. 1's rows to [null, bottom-up, top-down].
+
 Paper symbol -> variable -> shape  (B batch, T steps, L layers; per layer l: M = k_T modules,
 S = module size = hidden_size[l] / M, dk = input_key_size, dv = input_value_size)
     x_t                    x[:, t]              (B, input_size)
@@ -49,10 +52,11 @@ Choices the paper leaves open, and what we do:
 Where the official code (github.com/sarthmit/BRIMs) differs: it feeds a top-down row only into
 the first layer (the top layer's previous state, `use_higher` on layer 0 only), while the paper's
 Figure 1 and text give every layer but the top one a top-down row from the layer above; we follow
-the paper. Its input attention has 4 heads (averaged for the top-k choice; we use one), its
-per-module LSTM is a dense LSTM with off-diagonal blocks zeroed (we use grouped weights: an einsum
-over a module axis), it embeds MNIST's binary pixels with a 2-entry lookup table, so a background
-pixel is not the null row there, and it trains with dropout 0.5 and Adam at 7e-4.
+the paper (with two layers, the default, the two coincide). Its input attention has 4 heads,
+averaged for the top-k choice (we use one); its per-module LSTM is a dense LSTM with off-diagonal
+blocks zeroed (we use grouped weights: an einsum over a module axis); it embeds MNIST's binary
+pixels with a 2-entry lookup table, so a background pixel is not the null row there; and it trains
+with dropout 0.5 and Adam at 7e-4.
 
 Reproduce: python train.py --model brims --task seqmnist ; python experiments/brims_noise.py
 """
