@@ -41,7 +41,8 @@ def write_cifar(folder, per_batch=4, n_test=6):
             n = n_test if name == "test_batch" else per_batch
             images = cifar_images(n, 10 * index)
             planes = images.permute(0, 3, 1, 2).reshape(n, 3072)  # red plane, green plane, blue plane
-            payload = pickle.dumps({b"data": bytes(planes.flatten().tolist()), b"labels": [(i + index) % 10 for i in range(n)],
+            # as the real files: b'data' a numpy uint8 array (n, 3072), b'labels' a list of ints
+            payload = pickle.dumps({b"data": planes.numpy(), b"labels": [(i + index) % 10 for i in range(n)],
                                     b"batch_label": name.encode()})
             info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
             info.size = len(payload)
