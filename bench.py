@@ -40,7 +40,11 @@ def model_values(model_name, task_name, settings):
     values = split_flags(PRESETS.get((model_name, task_name), {}), config_cls)
     for f in fields(config_cls):
         if f.name in settings:
-            values[f.name] = f.type(settings[f.name]) if f.type is not bool else settings[f.name] == "true"
+            text = settings[f.name]
+            if f.type is tuple:  # per-layer values separated by '/' (commas separate the pairs): 120/60
+                values[f.name] = tuple(type(f.default[0])(v) for v in text.split("/"))
+            else:
+                values[f.name] = f.type(text) if f.type is not bool else text == "true"
     return values
 
 

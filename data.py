@@ -33,6 +33,7 @@ import hashlib
 import itertools
 import math
 import os
+import pickle
 import shutil
 import struct
 import tarfile
@@ -1295,10 +1296,11 @@ class SeqMNIST(SequenceTask):
         return f"val_{metric}@{setting[3:]}" if setting.startswith("val") else f"{metric}@{setting}"
 
     def as_batch(self, images, labels):
-        B, R, _ = images.shape
+        """images (B, R, R) or (B, R, R, channels) -> x (B, R * R, channels), row-major pixels."""
+        B, R = images.shape[:2]
         mask = torch.zeros(B, R * R)
         mask[:, -1] = 1.0  # classified from the last step
-        return {"x": images.reshape(B, R * R, 1), "y": labels, "mask": mask}
+        return {"x": images.reshape(B, R * R, -1).float(), "y": labels, "mask": mask}
 
     def train_batch(self, batch_size, generator):
         index = torch.randint(0, len(self.train_labels), (batch_size,), generator=generator)
@@ -1320,12 +1322,15 @@ class SeqMNIST(SequenceTask):
         return {"acc": 100.0 * right, "count": logits.shape[0]}
 
     def figure_panels(self, logits, batch, internals, index=0):
-        """The digit, then for each module the steps it was active at, laid out as the image."""
+        """The digit, then for each module the steps it was active at, laid out as the image (for
+        models with layers of modules, 'active_modules_l<layer>', each layer's modules in turn)."""
         R = math.isqrt(batch["x"].shape[1])
         panels = [("digit", batch["x"][index].view(R, R))]
-        if "active_modules" in internals:
-            active = internals["active_modules"][index].T.reshape(-1, R, R)  # (M, R, R)
-            panels += [(f"module {m} active", a) for m, a in enumerate(active)]
+        for name, value in internals.items():
+            if name.startswith("active_modules"):
+                layer = f"layer {name.rsplit('_l', 1)[1]} " if name != "active_modules" else ""
+                active = value[index].T.reshape(-1, R, R)  # (M, R, R)
+                panels += [(f"{layer}module {m} active", a) for m, a in enumerate(active)]
         return panels
 
 
@@ -1548,6 +1553,98 @@ class MNISTTransform(SequenceTask):
             counts = op_rule_counts(batch["op"], internals["rules"], len(TRANSFORMS))[:, :used]
             panels.append(("transformation x rule", counts / counts.sum(1, keepdim=True).clamp(min=1)))
         return panels
+# CIFAR-10 from its python tarball: downloaded once, md5-checked, read offline afterwards
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"  # the value published with the tarball (and in torchvision)
+CIFAR10_BATCHES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+
+
+def load_cifar10(data_dir=None, split="train", md5=None):
+    """CIFAR-10's images (N, 32, 32, 3) uint8 (RGB) and labels (N,) int64, split 'train' (50,000) or 'test'
+    (10,000), read from cifar-10-python.tar.gz in data_dir (default ~/.cache/nanosystem2/cifar10),
+    downloaded from CIFAR10_URL with its md5 checked when missing. Each batch in the tarball is a
+    pickled dict: b'data' (n, 3072) uint8, the red, green and blue 32 x 32 planes; b'labels', n ints."""
+    folder = data_dir or os.path.join(DEFAULT_DATA_DIR, "cifar10")
+    path = os.path.join(folder, os.path.basename(CIFAR10_URL))
+    md5 = md5 or CIFAR10_MD5
+    download(CIFAR10_URL, path, md5, "md5")  # checks the md5 of a file already there too
+    images, labels = [], []
+    try:
+        with tarfile.open(path, "r:gz") as archive:
+            for name in CIFAR10_BATCHES[split]:
+                with archive.extractfile(f"cifar-10-batches-py/{name}") as f:
+                    batch = pickle.load(f, encoding="bytes")  # a checksum-verified file
+                images.append(torch.frombuffer(bytearray(batch[b"data"]), dtype=torch.uint8).view(-1, 3, 32, 32))
+                labels.append(torch.tensor(batch[b"labels"], dtype=torch.long))
+    except (OSError, EOFError, KeyError, TypeError, ValueError, RuntimeError, pickle.UnpicklingError, tarfile.TarError) as e:
+        raise DataError(f"{path} is not a readable CIFAR-10 python tarball ({e}): delete it and fetch it again")
+    images, labels = torch.cat(images), torch.cat(labels)
+    if len(images) != len(labels):
+        raise DataError(f"{path}: {len(images)} images but {len(labels)} labels: delete it and fetch it again")
+    return images.permute(0, 2, 3, 1).contiguous(), labels
+
+
+def resize_nearest(images, size):
+    """uint8 images (N, H, W, C) -> (N, size, size, C) by nearest neighbour at pixel centres (torch's
+    'nearest-exact', as binarise_and_resize), by indexing: the bytes are kept as they are."""
+    rows = ((torch.arange(size) + 0.5) * images.shape[1] / size).long()
+    cols = ((torch.arange(size) + 0.5) * images.shape[2] / size).long()
+    return images[:, rows][:, :, cols]
+
+
+# ----------------------------------------------------------------------------------------------
+# BRIMs paper (Mittal et al. 2020, arXiv:2006.16981), Table 2: sequential CIFAR-10 at unseen resolutions
+
+@dataclass
+class SeqCIFARConfig:
+    resolution: int = 16  # Table 2: trained at 16 x 16
+    eval_resolutions: tuple = (19, 24, 32)  # Table 2: tested at 19, 24, 32 (and 16)
+    val_size: int = 10000  # 40k / 10k train / validation split of the 50k training images
+    train_size: int = 0  # use only this many of the 40k training images (0 = all)
+    eval_samples: int = 10000  # test images per resolution (the first ones of the test set)
+    val_samples: int = 10000  # validation images used to select the checkpoint
+
+    def __post_init__(self):
+        _check_positive(self, "resolution", "val_size", "eval_samples", "val_samples")
+        if self.val_size >= 50000 or self.train_size < 0 or self.val_samples > self.val_size:
+            raise ValueError("need val_size < 50000, train_size >= 0 and val_samples <= val_size")
+        if min(self.eval_resolutions, default=1) < 1 or self.eval_samples > 10000:
+            raise ValueError("eval_resolutions must be positive and eval_samples at most 10000")
+
+
+class SeqCIFAR(SeqMNIST):
+    """CIFAR-10 images read one pixel per step in row-major order (R * R steps), each step the pixel's
+    three RGB bytes (0..255, as float values of the integer codes: spec input_vocab 256 asks the model
+    to embed each channel's byte), classified from the last step. Trained at `resolution` (nearest
+    neighbour from 32 x 32); the validation split selects the checkpoint; the test set is read at every
+    resolution for the final report. Metrics: acc@R (test, %) and val_acc@R, as seqmnist."""
+
+    def __init__(self, config, data_dir=None, md5=None):
+        SequenceTask.__init__(self, config)
+        c = config
+        self.spec = {"kind": self.kind, "input_size": 3, "input_vocab": 256, "output_size": 10}
+        images, labels = load_cifar10(data_dir, "train", md5)
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))  # a fixed split
+        val, train = order[: c.val_size], order[c.val_size:]
+        train = train[: c.train_size] if c.train_size else train
+        self.train_images, self.train_labels = resize_nearest(images[train], c.resolution), labels[train]
+        self.val_images = resize_nearest(images[val[: c.val_samples]], c.resolution)
+        self.val_labels = labels[val[: c.val_samples]]
+        test_images, self.test_labels = load_cifar10(data_dir, "test", md5)
+        test_images, self.test_labels = test_images[: c.eval_samples], self.test_labels[: c.eval_samples]
+        resolutions = sorted({c.resolution, *c.eval_resolutions})
+        self.test_images = {r: resize_nearest(test_images, r) for r in resolutions}
+        self.eval_settings = {f"val{c.resolution}": {}, **{str(r): {} for r in resolutions}}
+        self.selection_settings = (f"val{c.resolution}",)
+        self.selection_metric = f"val_acc@{c.resolution}"
+        self.bench_setting = str(c.resolution)
+        self.eval_cursor = {}
+
+    def figure_panels(self, logits, batch, internals, index=0):
+        """The image's brightness, then each module's activity over it, as seqmnist."""
+        grey = {**batch, "x": batch["x"].mean(-1, keepdim=True) / 255}
+        return super().figure_panels(logits, grey, internals, index)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1568,4 +1665,5 @@ TASKS = {  # name -> (config class, task class)
     "seqmnist": (SeqMNISTConfig, SeqMNIST),
     "arithmetic": (ArithmeticConfig, Arithmetic),
     "mnist_transform": (MNISTTransformConfig, MNISTTransform),
+    "seqcifar": (SeqCIFARConfig, SeqCIFAR),
 }

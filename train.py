@@ -40,6 +40,7 @@ from ntm import NTM, NTMConfig
 from rims import RIMs, RIMsConfig
 from slot_attention import SlotAttention, SlotAttentionConfig
 from universal_transformer import TransformerConfig, UniversalTransformer, UTConfig
+from brims import BRIMs, BRIMsConfig
 
 # name -> (config class, model class, task kinds it fits). Adding a model is one row here.
 MODELS = {
@@ -51,12 +52,14 @@ MODELS = {
     "slot_attention": (SlotAttentionConfig, SlotAttention, ("image",)),
     "rims": (RIMsConfig, RIMs, ("sequence",)),
     "nps": (NPSConfig, NPS, ("autoregressive", "transform")),
+    "brims": (BRIMsConfig, BRIMs, ("sequence",)),
 }
 
 # Model fields that model_config_for takes from task.spec (never flags): the data decides them
-# (sizes, and for NPS which input channels form a slot, condition the rules or are fed back).
+# (sizes, integer-code vocabularies, and for NPS which input channels form a slot, condition the
+# rules or are fed back).
 SIZED_BY_TASK = ("input_size", "output_size", "vocab_size", "sentence_length", "image_size", "in_channels",
-                 "input_groups", "condition_size", "feedback_size")
+                 "input_vocab", "input_groups", "condition_size", "feedback_size")
 
 # The settings (training, model or task fields) that reproduce each result; flags override them.
 PRESETS = {
@@ -79,6 +82,16 @@ PRESETS = {
     ("rims", "seqmnist"): dict(hidden_size=120, input_key_size=32, input_value_size=32, comm_key_size=16,
                                comm_value_size=16, max_iters=300, batch_size=32, lr=3e-3, grad_clip=1.0,
                                eval_interval=100, log_interval=10, val_samples=1000, eval_samples=1000),
+    # BRIMs paper, Table 1: two layers of RIMs; the RIMs CPU-scale protocol above, each layer the size of
+    # that RIMs model (6 modules, 4 active, hidden 120)
+    ("brims", "seqmnist"): dict(num_layers=2, num_modules=(6,), num_active=(4,), hidden_size=(120,), input_key_size=32,
+                                input_value_size=32, comm_key_size=16, comm_value_size=16, max_iters=300, batch_size=32,
+                                lr=3e-3, grad_clip=1.0, eval_interval=100, log_interval=10, val_samples=1000,
+                                eval_samples=1000),
+    # BRIMs paper, Table 2 (sequential CIFAR-10 at 16 x 16): the model's defaults (two layers of 6 modules, 4 active,
+    # hidden 600), 100 epochs of the 40k training images at batch 64, Adam 7e-4 and clip 1 as the official scripts.
+    # Not run on our CPU (see README)
+    ("brims", "seqcifar"): dict(max_iters=62500, batch_size=64, lr=7e-4, grad_clip=1.0, eval_interval=625, log_interval=50),
     ("lstm", "seqmnist"): dict(hidden_size=120, num_layers=1, max_iters=300, batch_size=32, lr=3e-3, grad_clip=1.0,
                                eval_interval=100, log_interval=10, val_samples=1000, eval_samples=1000),
     ("lstm", "addition"): dict(hidden_size=512, num_layers=1, max_iters=10000, batch_size=32, lr=1e-3,
@@ -210,8 +223,12 @@ def parse_args(argv):
 
 
 def model_config_for(model_name, task, values):
-    """The model's config, sized for the task's inputs and outputs (the spec keys the config has)."""
+    """The model's config, sized for the task: every SIZED_BY_TASK entry of task.spec the config has."""
     names = {f.name for f in fields(MODELS[model_name][0])}
+    if task.spec.get("input_vocab") and "input_vocab" not in names:
+        fitting = [m for m, (cfg, _, _) in MODELS.items() if "input_vocab" in {f.name for f in fields(cfg)}]
+        raise UserError(f"--model {model_name} cannot embed this task's integer inputs (input_vocab "
+                        f"{task.spec['input_vocab']}): use {', '.join(fitting)}")
     sizes = {k: task.spec[k] for k in SIZED_BY_TASK if k in task.spec and k in names}
     return build_config(MODELS[model_name][0], {**values, **sizes}, "model")
 

@@ -1,4 +1,4 @@
-"""Properties every sequence model here must have, checked on the NTM, the LSTM baseline and RIMs."""
+"""Properties every sequence model here must have, checked on the NTM, the LSTM baseline, RIMs and BRIMs."""
 
 import pytest
 import torch
@@ -6,6 +6,7 @@ import torch
 from lstm import LSTM, LSTMConfig
 from ntm import NTM, NTMConfig
 from rims import RIMs, RIMsConfig
+from brims import BRIMs, BRIMsConfig
 
 MODELS = {
     "ntm_lstm_controller": lambda: NTM(NTMConfig(memory_size=16, controller_size=32)),
@@ -13,6 +14,8 @@ MODELS = {
                                                        num_read_heads=2, num_write_heads=2)),
     "lstm": lambda: LSTM(LSTMConfig(hidden_size=32, num_layers=2)),
     "rims": lambda: RIMs(RIMsConfig(input_size=9, output_size=8, hidden_size=24, input_value_size=16)),
+    "brims": lambda: BRIMs(BRIMsConfig(input_size=9, output_size=8, hidden_size=(24, 12), num_modules=(6, 3),
+                                       num_active=(4, 2), input_value_size=16)),
 }
 
 
