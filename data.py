@@ -518,7 +518,8 @@ def download(url, path, digest, algorithm="sha256"):
                             "is corrupt or changed; try again, or pass --data_dir to a verified copy")
         os.replace(tmp, path)
     elif file_digest(path, algorithm) != digest:
-        raise DataError(f"{path} does not have {algorithm} {digest} (wrong {algorithm}): delete it to download it again")
+        raise DataError(f"{path} does not have {algorithm} {digest} (wrong {algorithm}): delete it to download it "
+                        "again, or pass --data_dir to a verified copy")
     return path
 
 
