@@ -1202,15 +1202,9 @@ def dataset_file(data_dir, name, md5, url):
     """The path of `name` (or `name`.gz) in data_dir; the gzipped file is downloaded from url if neither
     is there. A gzipped file must have the md5 given; a raw one is checked by its IDX header."""
     raw, packed = os.path.join(data_dir, name), os.path.join(data_dir, name + ".gz")
-    if os.path.exists(packed):
-        if file_digest(packed, "md5") != md5:
-            raise DataError(f"{packed} has the wrong md5 (corrupt or another file): delete it to "
-                               f"download it again, or fix --data_dir")
-        return packed
-    if os.path.exists(raw):
+    if os.path.exists(raw) and not os.path.exists(packed):
         return raw
-    download(url + name + ".gz", packed, md5, "md5")
-    return packed
+    return download(url + name + ".gz", packed, md5, "md5")  # checks the md5 of a file already there too
 
 
 def load_mnist(data_dir=None, split="train"):
@@ -1405,10 +1399,7 @@ class Arithmetic(SequenceTask):
         return result
 
     def finish_metrics(self, totals, count):
-        result = {"mse": totals["mse"] / count}
-        if "op_rule_counts" in totals:
-            result["rule_purity"] = rule_purity(totals["op_rule_counts"])
-        return result
+        return rule_metrics(totals, count)
 
     def figure_panels(self, logits, batch, internals, index=0):
         """Target and output over the steps of one sequence (one scale), and, for models that report
@@ -1434,6 +1425,15 @@ def op_rule_counts(ops, rules, num_ops):
     counts = torch.zeros(num_ops, RULE_COLUMNS)
     counts.index_put_((ops.cpu().reshape(-1), rules.reshape(-1)), torch.ones(rules.numel()), accumulate=True)
     return counts
+
+
+def rule_metrics(totals, count):
+    """finish_metrics of the rule tasks: the summed metrics per sample, and the operation x rule counts
+    summed over every batch -> rule_purity (it does not average over batches)."""
+    result = {key: value / count for key, value in totals.items() if key != "op_rule_counts"}
+    if "op_rule_counts" in totals:
+        result["rule_purity"] = rule_purity(totals["op_rule_counts"])
+    return result
 
 
 def rule_purity(counts):
@@ -1534,10 +1534,7 @@ class MNISTTransform(SequenceTask):
         return result
 
     def finish_metrics(self, totals, count):
-        result = {"bce": totals["bce"] / count}
-        if "op_rule_counts" in totals:
-            result["rule_purity"] = rule_purity(totals["op_rule_counts"])
-        return result
+        return rule_metrics(totals, count)
 
     def figure_panels(self, logits, batch, internals, count=6):
         """Input, target and prediction for the first test digits, side by side; the chosen rule of each

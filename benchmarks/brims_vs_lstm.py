@@ -12,9 +12,7 @@ Prints the median ms per training step (forward, backward, Adam) of each and the
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +20,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from brims import BRIMs, BRIMsConfig  # noqa: E402
 from lstm import LSTM, LSTMConfig  # noqa: E402
+from rims_vs_lstm import report, time_side_by_side  # noqa: E402  (the same timing, side by side)
 
 
 def main():
@@ -48,31 +47,10 @@ def main():
                                          hidden_size=(args.hidden_size,), input_key_size=args.input_key_size,
                                          input_value_size=args.input_value_size)),
               "lstm": LSTM(LSTMConfig(input_size=1, output_size=10, hidden_size=args.hidden_size, num_layers=args.num_layers))}
-    optimizers = {name: torch.optim.Adam(m.parameters(), lr=1e-4) for name, m in models.items()}
-
-    def train_step(name):
-        logits, _ = models[name](x)
-        loss = F.cross_entropy(logits[:, -1], y)
-        optimizers[name].zero_grad(set_to_none=True)
-        loss.backward()
-        optimizers[name].step()
-
-    for name in models:  # warm-up
-        train_step(name)
-    times = {name: [] for name in models}
-    for _ in range(args.runs):
-        for name in models:
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                train_step(name)
-            times[name].append(1000 * (time.perf_counter() - t0) / args.steps)
-    ms = {name: statistics.median(t) for name, t in times.items()}
+    ms = time_side_by_side(models, lambda logits: F.cross_entropy(logits[:, -1], y), x, args.runs, args.steps)
     print(f"{args.resolution ** 2} steps, batch {args.batch_size}, {args.num_layers} layers of hidden {args.hidden_size}, "
           f"{torch.get_num_threads()} thread(s), median of {args.runs} runs of {args.steps} steps")
-    for name, model in models.items():
-        params = sum(p.numel() for p in model.parameters())
-        print(f"{name:<5} {ms[name]:9.1f} ms/step  {params:>9,} parameters")
-    print(f"brims / lstm = {ms['brims'] / ms['lstm']:.2f}")
+    report(models, ms)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,39 @@ from lstm import LSTM, LSTMConfig  # noqa: E402
 from rims import RIMs, RIMsConfig  # noqa: E402
 
 
+def time_side_by_side(models, loss_of, x, runs, steps):
+    """Median ms per training step (forward, backward, Adam) of each model on input x, the models
+    alternating run after run so that a noisy machine slows them alike. loss_of(logits) -> loss."""
+    optimizers = {name: torch.optim.Adam(m.parameters(), lr=1e-4) for name, m in models.items()}
+
+    def train_step(name):
+        logits, _ = models[name](x)
+        loss = loss_of(logits)
+        optimizers[name].zero_grad(set_to_none=True)
+        loss.backward()
+        optimizers[name].step()
+
+    for name in models:  # warm-up
+        train_step(name)
+    times = {name: [] for name in models}
+    for _ in range(runs):
+        for name in models:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                train_step(name)
+            times[name].append(1000 * (time.perf_counter() - t0) / steps)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def report(models, ms):
+    """One line per model (ms per step, parameters), then the first model's time over the second's."""
+    for name, model in models.items():
+        params = sum(p.numel() for p in model.parameters())
+        print(f"{name:<5} {ms[name]:9.1f} ms/step  {params:>9,} parameters")
+    first, second = list(models)
+    print(f"{first} / {second} = {ms[first] / ms[second]:.2f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden_size", type=int, default=600)
@@ -41,32 +74,11 @@ def main():
     size = dict(input_size=task.spec["input_size"], output_size=task.spec["output_size"], hidden_size=args.hidden_size)
     models = {"rims": RIMs(RIMsConfig(**size, input_value_size=args.input_value_size)),
               "lstm": LSTM(LSTMConfig(**size, num_layers=1))}
-    optimizers = {name: torch.optim.Adam(m.parameters(), lr=1e-4) for name, m in models.items()}
-
-    def train_step(name):
-        logits, _ = models[name](batch["x"])
-        loss = task.loss(logits, batch)
-        optimizers[name].zero_grad(set_to_none=True)
-        loss.backward()
-        optimizers[name].step()
-
-    for name in models:  # warm-up
-        train_step(name)
-    times = {name: [] for name in models}
-    for _ in range(args.runs):
-        for name in models:
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                train_step(name)
-            times[name].append(1000 * (time.perf_counter() - t0) / args.steps)
-    ms = {name: statistics.median(t) for name, t in times.items()}
+    ms = time_side_by_side(models, lambda logits: task.loss(logits, batch), batch["x"], args.runs, args.steps)
     steps = batch["x"].shape[1]
     print(f"copy_delay T = {args.delay} ({steps} steps), batch {args.batch_size}, hidden {args.hidden_size}, "
           f"{torch.get_num_threads()} thread(s), median of {args.runs} runs of {args.steps} steps")
-    for name, model in models.items():
-        params = sum(p.numel() for p in model.parameters())
-        print(f"{name:<5} {ms[name]:9.1f} ms/step  {params:>9,} parameters")
-    print(f"rims / lstm = {ms['rims'] / ms['lstm']:.2f}")
+    report(models, ms)
 
 
 if __name__ == "__main__":
