@@ -52,7 +52,7 @@ def time_training(model_name, task_name, batch_size, device, compile_model, warm
                   settings=None, data_dir=None):
     task = TASKS[task_name][1](TASKS[task_name][0](), data_dir=data_dir)
     values = model_values(model_name, task_name, settings or {})
-    model = MODELS[model_name][1](model_config_for(model_name, task, values)).to(device)
+    model = raw = MODELS[model_name][1](model_config_for(model_name, task, values)).to(device)
     if compile_model:
         model = compile_for_training(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -63,7 +63,7 @@ def time_training(model_name, task_name, batch_size, device, compile_model, warm
 
     def train_step():
         with autocast:
-            logits, _ = model(batch["x"], **model_inputs(task, batch))
+            logits, _ = model(batch["x"], **model_inputs(task, batch, raw))
         loss = task.loss(logits, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

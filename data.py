@@ -731,21 +731,23 @@ class AlgorithmicConfig:
 
 
 class Algorithmic(SequenceTask):
-    """Input: a string of decimal digits as token ids 1-10 (digit + 1; 11 is '+', 0 padding); target:
-    one digit class per position, scored where mask is 1. Training positions start at an offset
-    uniform in 0..max(eval_lengths) - length (position_offset), so the positions of the long test
-    strings have been seen. Metrics: char_acc, the fraction of scored digits right, averaged over
-    sequences; seq_acc, the fraction of sequences with every scored digit right."""
+    """Sequence to sequence, as the UT paper's algorithmic tasks (section 3.3): the input is a string of
+    decimal digits as token ids 1-10 (digit + 1; 11 is '+', 0 padding), the output a string of digit
+    classes y (B, U) that a decoder writes one at a time, scored where mask is 1. Training positions
+    (of input and output alike) start at an offset uniform in 0..max(eval_lengths) - length
+    (position_offset), so the positions of the long test strings have been seen. Metrics: char_acc,
+    the fraction of scored output digits right, averaged over sequences; seq_acc, the fraction of
+    sequences with every scored digit right (evaluation decodes greedily: no true digit is fed back)."""
 
-    kind = "tokens"
-    model_inputs = ("position_offset",)
+    kind = "seq2seq"
+    model_inputs = ("position_offset", "y")  # y: the decoder's length, and its inputs when teacher forcing
     min_length = 1
 
     def __init__(self, config, data_dir=None):
         super().__init__(config)
         if config.min_len < self.min_length:
             raise ValueError(f"{type(self).__name__.lower()} needs min_len >= {self.min_length}")
-        self.spec = {"kind": self.kind, "vocab_size": 12, "output_size": 10}
+        self.spec = {"kind": self.kind, "vocab_size": 12, "output_size": 10, "decoder": True}
         self.eval_settings = {str(n): {"length": n, "offset": False} for n in config.eval_lengths}
         self.bench_setting = str(config.max_len) if config.max_len in config.eval_lengths else next(iter(self.eval_settings))
 
@@ -767,59 +769,61 @@ class Algorithmic(SequenceTask):
         right = (logits.argmax(-1) == batch["y"]).float() * batch["mask"]
         per_seq = right.sum(1) / batch["mask"].sum(1)
         result = {"char_acc": per_seq.sum().item(), "seq_acc": (per_seq == 1).float().sum().item(), "count": len(per_seq)}
-        if "ponder_cost" in internals:
-            result["ponder"] = internals["ponder_cost"].float().mean(1).sum().item()
+        for name in ("ponder", "decoder_ponder"):  # the mean rho per position of each sequence, encoder and decoder
+            if f"{name}_cost" in internals:
+                result[name] = internals[f"{name}_cost"].float().mean(1).sum().item()
         return result
 
     def figure_panels(self, logits, batch, internals, index=0):
-        """Target and predicted digits over the positions (scored ones), and ponder per position."""
+        """Target and greedy output digits (the scored ones), and ponder per input and output position."""
         keep = batch["mask"][index] > 0
         panels = [("target", batch["y"][index][keep].unsqueeze(0) / 9),
                   ("output", logits[index].argmax(-1)[keep].unsqueeze(0) / 9)]
-        if "ponder_cost" in internals:
-            ponder = internals["ponder_cost"][index].float().unsqueeze(0)
-            panels.append((f"ponder per position (max {ponder.max():.1f})", ponder / ponder.max()))
+        for name in ("ponder", "decoder_ponder"):
+            if f"{name}_cost" in internals:
+                ponder = internals[f"{name}_cost"][index].float().unsqueeze(0)
+                panels.append((f"{name} per position (max {ponder.max():.1f})", ponder / ponder.max()))
         return panels
 
 
 class AlgoCopy(Algorithmic):
-    """Copy: the output at each position is the input digit there."""
+    """Copy: the output is the input string."""
 
     def encode(self, digits, generator):
         return digits + 1, digits, torch.ones(digits.shape)
 
 
 class AlgoReverse(Algorithmic):
-    """Reverse: the output at position i is the input digit at position L - 1 - i."""
+    """Reverse: the output is the input string backwards."""
 
     def encode(self, digits, generator):
         return digits + 1, digits.flip(1), torch.ones(digits.shape)
 
 
 class AlgoAddition(Algorithmic):
-    """Addition: the input is 'a+b' (a and b digit strings, most significant digit first, leading zeros
-    allowed, la + 1 + lb = L, la uniform in 1..L-2); the target is a + b written with max(la, lb) + 1
-    digits (a leading zero where there is no carry), right-aligned to the end of the input, where
-    mask is 1 (the positions before are not scored)."""
+    """Addition: the input is 'a+b' (la + 1 + lb = L digits and '+', la uniform in 1..L-2, leading zeros
+    allowed), the output a + b in max(la, lb) + 1 digits; every number is written least significant
+    digit first, as tensor2tensor's algorithmic addition (the generator the paper used) writes them.
+    Outputs shorter than the batch's longest are padded at the end, where mask is 0."""
 
     min_length = 3
 
     def encode(self, digits, generator):
         B, L = digits.shape
         left = torch.randint(1, L - 1, (B, 1), generator=generator)  # la: '+' sits at position la
-        position = torch.arange(L).expand(B, L)
-        x = torch.where(position == left, 11, digits + 1)
-        column = torch.arange(L)  # k: the 10^k place, counted from the right
+        column = torch.arange(L).expand(B, L)  # k: the 10^k place
+        x = torch.where(column == left, 11, digits + 1)
         right = L - 1 - left  # lb
-        a = torch.where(column < left, digits.gather(1, (left - 1 - column).clamp(min=0)), 0)  # a's 10^k digit
-        b = torch.where(column < right, digits.flip(1), 0)  # b's 10^k digit
-        total, carry = torch.zeros(B, L, dtype=torch.long), torch.zeros(B, dtype=torch.long)
-        for k in range(L):  # schoolbook addition, one place at a time, for the whole batch
+        a = torch.where(column < left, digits, 0)  # a's 10^k digit sits at position k
+        b = torch.where(column < right, digits.gather(1, (left + 1 + column).clamp(max=L - 1)), 0)  # b's at la + 1 + k
+        width = torch.maximum(left, right) + 1  # (B, 1)
+        U = int(width.max())
+        y, carry = torch.zeros(B, U, dtype=torch.long), torch.zeros(B, dtype=torch.long)
+        for k in range(U):  # schoolbook addition, one place at a time, for the whole batch
             place = a[:, k] + b[:, k] + carry
-            total[:, k], carry = place % 10, place // 10
-        y = total.flip(1)  # right-aligned: place 10^k at position L - 1 - k
-        mask = (column.flip(0) < torch.maximum(left, right) + 1).float()
-        return x, y, mask
+            y[:, k], carry = place % 10, place // 10
+        mask = (torch.arange(U) < width).float()
+        return x, y * mask.long(), mask
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ On --resume and --eval_only the model and task configs come from the checkpoint.
 """
 
 import argparse
+import inspect
 import io
 import json
 import math
@@ -45,10 +46,10 @@ from brims import BRIMs, BRIMsConfig
 # name -> (config class, model class, task kinds it fits). Adding a model is one row here.
 MODELS = {
     "ntm": (NTMConfig, NTM, ("sequence",)),
-    "lstm": (LSTMConfig, LSTM, ("sequence", "autoregressive", "transform")),
+    "lstm": (LSTMConfig, LSTM, ("sequence", "autoregressive", "transform", "seq2seq")),
     "act": (ACTConfig, ACT, ("sequence",)),
-    "universal_transformer": (UTConfig, UniversalTransformer, ("story", "tokens")),
-    "transformer": (TransformerConfig, UniversalTransformer, ("story", "tokens")),  # universal=False
+    "universal_transformer": (UTConfig, UniversalTransformer, ("story", "seq2seq")),
+    "transformer": (TransformerConfig, UniversalTransformer, ("story", "seq2seq")),  # universal=False
     "slot_attention": (SlotAttentionConfig, SlotAttention, ("image",)),
     "rims": (RIMsConfig, RIMs, ("sequence",)),
     "nps": (NPSConfig, NPS, ("autoregressive", "transform")),
@@ -56,10 +57,10 @@ MODELS = {
 }
 
 # Model fields that model_config_for takes from task.spec (never flags): the data decides them
-# (sizes, integer-code vocabularies, and for NPS which input channels form a slot, condition the
-# rules or are fed back).
+# (sizes, integer-code vocabularies, for NPS which input channels form a slot, condition the
+# rules or are fed back, and whether outputs need a decoder).
 SIZED_BY_TASK = ("input_size", "output_size", "vocab_size", "sentence_length", "image_size", "in_channels",
-                 "input_vocab", "input_groups", "condition_size", "feedback_size")
+                 "input_vocab", "input_groups", "condition_size", "feedback_size", "decoder")
 
 # The settings (training, model or task fields) that reproduce each result; flags override them.
 PRESETS = {
@@ -103,6 +104,9 @@ PRESETS = {
     **{(m, t): dict(d_model=64, d_ff=128, num_heads=4, dropout=0.0, max_iters=2000, batch_size=32, lr=1e-3,
                     eval_interval=500, log_interval=50)
        for m in ("universal_transformer", "transformer") for t in ("algo_copy", "algo_reverse", "algo_addition")},
+    # the sequence-to-sequence LSTM baseline of the same tasks: 2 layers of 128, about the UT's parameters
+    **{("lstm", t): dict(hidden_size=128, num_layers=2, max_iters=2000, batch_size=32, lr=1e-3, eval_interval=500,
+                         log_interval=50) for t in ("algo_copy", "algo_reverse", "algo_addition")},
     # CPU scale (README): 32 x 32 sprites, encoder downsampling once, decoder from 8 x 8, batch 16;
     # warm-up and halving as the paper (Appendix E.1) over a schedule short enough for a CPU, and
     # Adam 1e-3 rather than the paper's 4e-4 (faster at this budget, README). Paper scale: README.
@@ -395,9 +399,11 @@ def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def model_inputs(task, batch):
-    """The keyword tensors beside x that the task hands the model (e.g. a padding mask)."""
-    return {k: batch[k] for k in getattr(task, "model_inputs", ())}
+def model_inputs(task, batch, model):
+    """The keyword tensors beside x that the task hands the model and the model's forward takes
+    (e.g. a padding mask; an LSTM has no use for the algorithmic tasks' position offsets)."""
+    takes = inspect.signature(model.forward).parameters
+    return {k: batch[k] for k in getattr(task, "model_inputs", ()) if k in takes}
 
 
 def fixed_eval_data(task, chunk):
@@ -421,7 +427,7 @@ def evaluate(model, task, eval_data, device, autocast):
         for batch in batches:
             batch = to_device(batch, device)
             with autocast:
-                logits, internals = model(batch["x"], **model_inputs(task, batch))
+                logits, internals = model(batch["x"], **model_inputs(task, batch, model))
             for key, value in task.metrics(logits, batch, internals).items():
                 totals[key] = totals.get(key, 0) + value
         count = totals.pop("count")
@@ -442,7 +448,7 @@ def draw_figures(model, task, eval_data, out_dir, device, autocast):
     for setting, batches in eval_data.items():
         batch = to_device(batches[0], device)
         with torch.no_grad(), autocast:
-            logits, internals = model(batch["x"], return_internals=True, **model_inputs(task, batch))
+            logits, internals = model(batch["x"], return_internals=True, **model_inputs(task, batch, model))
         internals = {k: v.cpu() for k, v in internals.items()}
         panels = task.figure_panels(logits.cpu(), to_device(batch, "cpu"), internals)
         if panels:
@@ -614,7 +620,7 @@ def main(argv=None):
                 group["lr"] = lr
         batch = to_device(task.train_batch(cfg.batch_size, data_gen), device)
         with autocast:
-            logits, internals = model(batch["x"], **model_inputs(task, batch))
+            logits, internals = model(batch["x"], **model_inputs(task, batch, raw_model))
         loss = task.loss(logits, batch)
         if hasattr(raw_model, "ponder_loss"):  # ACT: + tau * ponder cost, with its gradient
             loss = loss + raw_model.ponder_loss(internals)

@@ -182,14 +182,37 @@ def test_copy_and_reverse_targets_by_hand():
     assert torch.equal(batch["y"], (batch["x"] - 1).flip(1))
 
 
-def test_addition_writes_the_sum_right_aligned_under_the_scored_mask():
+def test_addition_writes_the_sum_least_significant_digit_first_under_the_scored_mask():
     batch = AlgoAddition(AlgorithmicConfig(min_len=3)).make_batch(64, gen(), length=12, offset=False)
+    U = batch["y"].shape[1]
+    widths = set()
     for x, y, mask in zip(batch["x"].tolist(), batch["y"].tolist(), batch["mask"].tolist()):
         text = "".join("+" if t == 11 else str(t - 1) for t in x)
-        a, b = text.split("+")
+        a, b = text.split("+")  # each least significant digit first
         width = max(len(a), len(b)) + 1
-        assert mask == [0.0] * (12 - width) + [1.0] * width
-        assert "".join(map(str, y[12 - width:])) == str(int(a) + int(b)).zfill(width)
+        widths.add(width)
+        assert mask == [1.0] * width + [0.0] * (U - width)
+        assert "".join(map(str, y[:width])) == str(int(a[::-1]) + int(b[::-1])).zfill(width)[::-1]
+        assert y[width:] == [0] * (U - width)
+    assert U == max(widths) and len(widths) > 3  # outputs of several lengths, padded to the longest
+
+
+def test_addition_by_hand():
+    """'47+805' least significant first is 74 + 508 = 582, written 2,8,5,0 in 4 digits."""
+    task = AlgoAddition(AlgorithmicConfig(min_len=3))
+    digits = torch.tensor([[4, 7, 0, 8, 0, 5]])  # position 2 becomes '+'
+    x, y, mask = task.encode(digits, _generator_with_plus_at(2))
+    assert x.tolist() == [[5, 8, 11, 9, 1, 6]]
+    assert y.tolist() == [[2, 8, 5, 0]] and mask.tolist() == [[1.0, 1.0, 1.0, 1.0]]
+
+
+def _generator_with_plus_at(position, length=6):
+    """A generator whose next draw of '+' (encode's first draw) lands at position."""
+    for seed in range(1000):
+        probe = torch.randint(1, length - 1, (1, 1), generator=torch.Generator().manual_seed(seed))
+        if probe.item() == position:
+            return torch.Generator().manual_seed(seed)
+    raise AssertionError("no seed found")
 
 
 def test_training_offsets_let_short_strings_visit_long_positions():
@@ -218,8 +241,19 @@ def test_a_short_training_run_lowers_the_loss_on_reverse(tmp_path):
     with open(os.path.join(out, "log.jsonl")) as f:
         curve = [r["loss"] for r in map(json.loads, f) if "loss" in r]
     assert sum(curve[-3:]) / 3 < 0.6 * curve[0]  # from chance (ln 10 = 2.3) well down
-    assert set(result["metrics"]) == {"char_acc@6", "seq_acc@6", "ponder@6", "iter", "seconds"}
+    assert set(result["metrics"]) == {"char_acc@6", "seq_acc@6", "ponder@6", "decoder_ponder@6", "iter", "seconds"}
     assert os.path.exists(os.path.join(out, "outputs_6.png"))
+
+
+def test_the_seq2seq_lstm_trains_on_reverse_through_train_py(tmp_path):
+    """The LSTM takes the tokens and y; the position offsets it has no use for are not passed to it."""
+    out = str(tmp_path / "lstm")
+    result = main(["--model", "lstm", "--task", "algo_reverse", "--out_dir", out, "--max_len", "5", "--eval_lengths", "5",
+                   "--eval_samples", "16", "--hidden_size", "32", "--max_iters", "20", "--eval_interval", "20"])
+    assert result["model"].config.decoder and result["model"].config.vocab_size == 12
+    assert set(result["metrics"]) == {"char_acc@5", "seq_acc@5", "iter", "seconds"}
+    with pytest.raises(UserError, match="does not fit"):
+        main(["--model", "ntm", "--task", "algo_copy", "--out_dir", str(tmp_path / "ntm")])
 
 
 def test_bench_times_the_universal_transformer_and_the_transformer():

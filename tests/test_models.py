@@ -50,3 +50,19 @@ def test_outputs_are_causal_in_time(name):
     later = x.clone()
     later[:, 5:] = torch.randn(2, 3, 9)  # changing the future leaves the past alone
     assert torch.allclose(model(x)[0][:, :5], model(later)[0][:, :5], atol=1e-6)
+
+
+def test_the_seq2seq_lstm_decodes_greedily_as_it_would_teacher_forced_on_its_own_outputs():
+    torch.manual_seed(0)
+    model = LSTM(LSTMConfig(vocab_size=12, output_size=10, decoder=True, hidden_size=16, num_layers=2)).eval()
+    x = torch.randint(1, 12, (3, 6))
+    greedy, _ = model(x, y=torch.zeros(3, 5, dtype=torch.long))
+    forced, _ = model(x, y=greedy.argmax(-1), teacher_forcing=True)
+    assert greedy.shape == (3, 5, 10) and torch.allclose(greedy, forced, atol=1e-5)
+    y = greedy.argmax(-1)
+    later = y.clone()
+    later[:, 2:] = (y[:, 2:] + 1) % 10
+    assert torch.allclose(model(x, y=later, teacher_forcing=True)[0][:, :3], forced[:, :3], atol=1e-6)  # causal
+    assert not torch.allclose(model(x, y=later, teacher_forcing=True)[0][:, 3], forced[:, 3], atol=1e-4)
+    with pytest.raises(ValueError, match="vocab_size"):
+        LSTMConfig(decoder=True)

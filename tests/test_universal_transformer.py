@@ -246,6 +246,92 @@ def test_gradients_reach_every_parameter():
             assert p.grad is not None and p.grad.abs().sum() > 0, (overrides, pname)
 
 
+# ----------------------------------------------------------------------------------------------
+# The decoder (sequence to sequence)
+
+DECODERS = {"ut_act": dict(), "ut_fixed_steps": dict(act=False), "ut_post_norm": dict(norm_first=False),
+            "transformer": dict(universal=False, act=False)}
+
+
+def seq2seq(**overrides):
+    return small(decoder=True, output_size=6, **overrides)
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_greedy_decoding_step_by_step_equals_teacher_forcing_on_its_own_outputs(name):
+    """Greedy decoding runs one position at a time with cached keys and values (halted positions' too);
+    fed its own outputs all at once under the causal mask, the decoder must give the same logits."""
+    torch.manual_seed(0)
+    model = seq2seq(**DECODERS[name]).eval()
+    x, mask = torch.randint(1, 12, (3, 6)), torch.arange(6).expand(3, 6) < torch.tensor([[6], [4], [5]])
+    offset = torch.tensor([0, 3, 9])
+    greedy, internals = model(x, padding_mask=mask, position_offset=offset, y=torch.zeros(3, 7, dtype=torch.long))
+    forced, forced_internals = model(x, padding_mask=mask, position_offset=offset, y=greedy.argmax(-1), teacher_forcing=True)
+    assert greedy.shape == (3, 7, 6) and torch.allclose(greedy, forced, atol=1e-5)
+    assert torch.equal(internals["decoder_steps"], forced_internals["decoder_steps"])
+    if name == "ut_act":  # positions halt at different steps, so the cache must serve halted positions
+        assert len(set(internals["decoder_steps"].flatten().tolist())) > 1
+
+
+def test_greedy_decoding_reads_nothing_of_y_but_its_length():
+    torch.manual_seed(0)
+    model = seq2seq().eval()
+    x = torch.randint(1, 12, (2, 5))
+    one, _ = model(x, y=torch.zeros(2, 4, dtype=torch.long))
+    other, _ = model(x, y=torch.randint(0, 6, (2, 4)))
+    assert torch.equal(one, other)
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_the_decoder_is_causal_and_reads_the_encoder(name):
+    """Teacher-forced position i reads y_0..y_{i-1}: changing y_3 onwards leaves positions 0..3 alone,
+    and changes position 4; changing the input changes every position."""
+    torch.manual_seed(0)
+    model = seq2seq(**DECODERS[name]).eval()
+    x, y = torch.randint(1, 12, (2, 5)), torch.randint(0, 6, (2, 7))
+    logits, _ = model(x, y=y, teacher_forcing=True)
+    later = y.clone()
+    later[:, 3:] = (y[:, 3:] + 1) % 6
+    changed, _ = model(x, y=later, teacher_forcing=True)
+    assert torch.allclose(changed[:, :4], logits[:, :4], atol=1e-6)
+    assert not torch.allclose(changed[:, 4], logits[:, 4], atol=1e-4)
+    other_input, _ = model((x % 11) + 1, y=y, teacher_forcing=True)
+    assert not torch.allclose(other_input[:, 0], logits[:, 0], atol=1e-4)
+
+
+def test_encoder_padding_leaves_the_decoder_unchanged():
+    torch.manual_seed(0)
+    model = seq2seq().eval()
+    x, y = torch.randint(1, 12, (2, 5)), torch.randint(0, 6, (2, 4))
+    plain, _ = model(x, y=y)
+    padded, _ = model(torch.cat([x, torch.randint(1, 12, (2, 3))], 1), padding_mask=torch.arange(8).expand(2, 8) < 5, y=y)
+    assert torch.allclose(padded, plain, atol=1e-5)
+
+
+def test_the_decoder_ponders_and_its_cost_has_gradient():
+    torch.manual_seed(0)
+    model = seq2seq()
+    logits, internals = model(torch.randint(1, 12, (2, 5)), y=torch.randint(0, 6, (2, 4)))
+    rho_enc, rho_dec = internals["ponder_cost"], internals["decoder_ponder_cost"]
+    assert rho_dec.shape == (2, 4) and (rho_dec >= 1).all()
+    assert torch.allclose(model.ponder_loss(internals), 0.01 * (rho_enc.mean() + rho_dec.mean()))
+    model.ponder_loss(internals).backward()
+    assert model.decoder_halting_unit.bias.grad.abs() > 0 and model.halting_unit.bias.grad.abs() > 0
+    with pytest.raises(ValueError, match="decoder needs the targets"):
+        model(torch.randint(1, 12, (2, 5)))
+    with pytest.raises(ValueError, match="transition='ffn'"):
+        seq2seq(transition="sepconv")
+
+
+def test_a_decoded_sample_does_not_depend_on_its_batch_neighbours():
+    torch.manual_seed(0)
+    model = seq2seq().eval()
+    x, y = torch.randint(1, 12, (4, 6)), torch.zeros(4, 5, dtype=torch.long)
+    together, _ = model(x, y=y)
+    alone, _ = model(x[1:2], y=y[1:2])
+    assert torch.allclose(together[1], alone[0], atol=1e-5)
+
+
 def test_halting_arithmetic_stays_in_fp32_under_bf16_autocast():
     torch.manual_seed(0)
     model = small()
@@ -272,3 +358,4 @@ def test_universal_transformer_py_runs_alone_in_an_empty_folder(tmp_path):
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("torch.Size([2, 5, 8])") == 4
+    assert result.stdout.count("greedy == teacher-forced on its own outputs: True") == 2
