@@ -18,7 +18,8 @@ A batch is a dict of tensors. Sequence tasks give x (B, T, in), targets y (B, T,
 mask (B, T), 1 where the model is scored. Everything is generated on the fly from a torch.Generator, so
 the same seed gives the same data. Add a task: write its class here and add it to TASKS.
 Optional hooks: `model_inputs`, the batch keys the model takes as keyword tensors beside x (e.g. a
-padding mask); `eval_data(chunk, generator)`, the evaluation batches when they come from a dataset's
+padding mask, or a sequence-to-sequence task's targets y for the decoder; train.py passes each one
+the model's forward accepts); `eval_data(chunk, generator)`, the evaluation batches when they come from a dataset's
 test files rather than eval_batch; `eval_count(setting)`, the samples per setting (default eval_samples);
 `metric_key(metric, setting)`, the metrics.json name (default '<metric>@<setting>');
 `finish_metrics(totals, count)`, the final values from the summed metrics (default: totals / count);
