@@ -87,14 +87,22 @@ class BRIMsConfig:
     comm_key_size: int = 32  # RIMs Table 3
     comm_value_size: int = 32  # RIMs Table 3
     communication: bool = True  # False: modules of a layer never read each other (an ablation)
+    # the top-down key/value maps start as torch's default Linear init times this: 0 (our default) makes every
+    # top-down row equal to the null row at initialisation, so training starts from a stack of RIMs (see above)
+    top_down_init_scale: float = 0.0
+    readout: str = "top"  # what y_t reads: 'top' (the top layer's h, as the official code) or 'all' (every layer's h)
 
     def __post_init__(self):
         if self.cell not in ("lstm", "gru"):
             raise ValueError(f"cell must be 'lstm' or 'gru', got {self.cell!r}")
+        if self.readout not in ("top", "all"):
+            raise ValueError(f"readout must be 'top' or 'all', got {self.readout!r}")
         for name in ("input_size", "output_size", "embed_size", "num_layers", "input_key_size",
                      "input_value_size", "comm_heads", "comm_key_size", "comm_value_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.top_down_init_scale < 0:
+            raise ValueError(f"top_down_init_scale must be at least 0, got {self.top_down_init_scale}")
         if self.input_vocab < 0:
             raise ValueError(f"input_vocab must be 0 (real-valued inputs) or positive, got {self.input_vocab}")
         for name in ("num_modules", "num_active", "hidden_size"):
@@ -138,6 +146,9 @@ class BRIMsLayer(nn.Module):
         self.input_query = grouped(M, S, dk, bound)
         self.bottom_up_key_value = nn.Linear(below_size, dk + dv, bias=False)
         self.top_down_key_value = nn.Linear(above_size, dk + dv, bias=False) if above_size else None
+        if above_size:
+            with torch.no_grad():
+                self.top_down_key_value.weight.mul_(c.top_down_init_scale)
         # Eq. 2: one cell per module, weights (M, in, gates * S), torch's gate order and initialisation
         self.cell_input_weight = grouped(M, dv, gates * S, bound)
         self.cell_hidden_weight = grouped(M, S, gates * S, bound)
@@ -232,7 +243,7 @@ class BRIMs(nn.Module):
             above = sizes[layer + 1] if layer + 1 < c.num_layers else 0
             self.layers.append(BRIMsLayer(c, c.num_modules[layer], c.num_active[layer], sizes[layer],
                                           below if layer == 0 else sizes[layer - 1], above))
-        self.output = nn.Linear(sizes[-1], c.output_size)  # y_t from the top layer
+        self.output = nn.Linear(sizes[-1] if c.readout == "top" else sum(sizes), c.output_size)  # y_t
 
     def initial_state(self, batch_size, device):
         return [(torch.zeros(batch_size, l.num_modules, l.module_size, device=device),) * 2 for l in self.layers]
@@ -269,7 +280,8 @@ class BRIMs(nn.Module):
         tops, actives, attentions = [], [], []
         for row in rows.unbind(1):
             states, active, attention = self.step(row, states)
-            tops.append(states[-1][0].flatten(1))
+            tops.append(states[-1][0].flatten(1) if self.config.readout == "top"
+                        else torch.cat([h.flatten(1) for h, _ in states], dim=1))
             actives.append(active)
             attentions.append(attention)
         logits = self.output(torch.stack(tops, dim=1))  # (B, T, output_size)

@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def small(**overrides):
     config = dict(input_size=5, output_size=3, num_layers=2, num_modules=(6, 4), num_active=(4, 2),
                   hidden_size=(24, 16), input_key_size=8, input_value_size=10, comm_heads=2, comm_key_size=4,
-                  comm_value_size=4)
+                  comm_value_size=4, top_down_init_scale=1.0)  # a live top-down path (the default starts it at 0)
     return BRIMs(BRIMsConfig(**{**config, **overrides}))
 
 
@@ -112,6 +112,43 @@ def test_perturbing_the_upper_layer_at_t_changes_the_lower_layer_only_from_t_plu
     for t in range(3):  # up to and including t: identical
         assert torch.equal(clean[t][0], perturbed[t][0]) and torch.equal(clean[t][1], perturbed[t][1])
     assert not torch.allclose(clean[3][1], perturbed[3][1])  # t + 1: the lower layer's attention moved
+
+
+def test_by_default_the_top_down_row_starts_as_the_null_row_and_can_still_learn():
+    torch.manual_seed(0)
+    model = small(top_down_init_scale=0.0)  # the default
+    assert BRIMsConfig().top_down_init_scale == 0.0
+    assert torch.equal(model.layers[0].top_down_key_value.weight, torch.zeros(8 + 10, 16))
+    x, states = torch.randn(3, 5), random_states(model, 3)
+    _, _, attentions = one_step(model, x, states)
+    assert torch.equal(attentions[0][..., 2], attentions[0][..., 0])  # score 0, like null: same weight
+    # the layer above cannot yet change the lower layer, but the map gets a gradient and leaves zero
+    changed = [states[0], (states[1][0] + 1.0, states[1][1])]
+    new_states, _, _ = one_step(model, x, states)
+    changed_states, _, _ = one_step(model, x, changed)
+    assert torch.equal(new_states[0][0], changed_states[0][0])
+    model(torch.randn(4, 8, 5))[0].pow(2).sum().backward()
+    assert model.layers[0].top_down_key_value.weight.grad.abs().sum() > 0
+    # a positive scale multiplies torch's default initialisation (same random draw)
+    torch.manual_seed(0)
+    scaled = small(top_down_init_scale=0.5)
+    torch.manual_seed(0)
+    assert torch.allclose(scaled.layers[0].top_down_key_value.weight, 0.5 * small().layers[0].top_down_key_value.weight)
+
+
+def test_readout_all_reads_every_layer_and_top_reads_the_top_layer_only():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 5)
+    for readout, size in (("top", 16), ("all", 24 + 16)):
+        model = small(readout=readout)
+        assert model.output.in_features == size
+        logits, _ = model(x)
+        states, hs = model.initial_state(2, "cpu"), []
+        for row in model.layers[0].bottom_up_key_value(x).unbind(1):
+            states, _, _ = model.step(row, states)
+            hs.append(torch.cat([h.flatten(1) for h, _ in states], dim=1))
+        hs = torch.stack(hs, dim=1)  # (B, T, 24 + 16): the lower layer's h, then the upper's
+        assert torch.allclose(logits, model.output(hs if readout == "all" else hs[..., 24:]), atol=1e-6)
 
 
 def test_outputs_at_a_step_do_not_depend_on_later_inputs():
@@ -249,7 +286,7 @@ def test_a_short_run_lowers_the_loss():
 
 def test_bad_config_is_refused():
     for bad in (dict(num_active=(7,)), dict(hidden_size=(25,)), dict(num_modules=(6, 6, 6)), dict(cell="rnn"),
-                dict(num_layers=0), dict(input_vocab=-1)):
+                dict(num_layers=0), dict(input_vocab=-1), dict(readout="bottom"), dict(top_down_init_scale=-1.0)):
         with pytest.raises(ValueError):
             BRIMsConfig(**bad)
     assert BRIMsConfig(num_layers=3, hidden_size=(60,)).hidden_size == (60, 60, 60)
