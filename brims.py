@@ -38,10 +38,22 @@ Choices the paper leaves open, and what we do:
   key and value are exactly 0 and its score is 0. The attention weight on each source is one softmax
   over [0, q.k_bu / sqrt(dk), q.k_td / sqrt(dk)]; the top layer softmaxes over [null, bottom-up] and
   reports 0 on top-down. A module reads p_bu v_bu + p_td v_td.
-- The first layer's bottom-up row is the input x_t: with a bias-free map an all-zero input (an MNIST
-  background pixel) is the null row, as in our rims.py. With input_vocab > 0 the input holds integer
-  codes per channel (CIFAR's RGB bytes, 0..255) and each channel's code is embedded by a lookup
-  table (the paper embeds pixel values); the embeddings of the channels are summed.
+- The first layer's bottom-up row is the input x_t: with a bias-free map an all-zero input is the
+  null row, as in our rims.py. With input_vocab > 0 the input holds integer codes per channel
+  (CIFAR's RGB bytes, 0..255; MNIST's binary pixels, 0..1) and each channel's code is embedded by a
+  lookup table (the paper embeds pixel values); the embeddings of the channels are summed.
+- Sequential MNIST embeds its binary pixel with a 2-entry table of the layer's size (train.py's preset:
+  input_vocab 2, embed_size = hidden size), as the official code does (nn.Embedding(2, emsize) with
+  emsize = nhid in MNIST/train_mnist.py and rnn_models.py). We first fed the pixel itself (1 x 1 -> key
+  and value): then a background pixel is exactly the null row, and two layers did not start learning
+  in the README's 300-step protocol (training loss 2.30 throughout) while one layer did. Short runs
+  traced this to the top-down row: with its map frozen at zero, two layers learned like one; scaling
+  its initialisation down did not help (Adam moves every weight by about lr per step, so a map
+  started at zero is back to its usual size within tens of steps). With a pixel row of 1 number
+  against a top-down row of hidden-size numbers, and the bottom-up row equal to null on the ~80 %
+  background pixels, the first layer's modules read mostly the layer above; the embedding gives the
+  pixel a row as wide as the top-down one and a key of its own for background pixels, and two
+  layers then leave chance within the first 100 steps (README, "BRIMs").
 - The top-down row at step t is the layer above's state after step t - 1 (zeros at t = 0). Within a
   step the layers update from the bottom up, so layer l + 1's bottom-up row is layer l's new state.
 - Ties in null attention go to the lowest module index (a stable sort on detached scores).
@@ -54,9 +66,9 @@ the first layer (the top layer's previous state, `use_higher` on layer 0 only), 
 Figure 1 and text give every layer but the top one a top-down row from the layer above; we follow
 the paper (with two layers, the default, the two coincide). Its input attention has 4 heads,
 averaged for the top-k choice (we use one); its per-module LSTM is a dense LSTM with off-diagonal
-blocks zeroed (we use grouped weights: an einsum over a module axis); it embeds MNIST's binary
-pixels with a 2-entry lookup table, so a background pixel is not the null row there; and it trains
-with dropout 0.5 and Adam at 7e-4.
+blocks zeroed (we use grouped weights: an einsum over a module axis); its attention maps start at
+0.01 * N(0, 1) (ours: torch's Linear default); and it trains with dropout 0.5 and Adam at 1e-3 (the
+default of MNIST/train_mnist.py and CIFAR10/train_cifar.py).
 
 Reproduce: python train.py --model brims --task seqmnist ; python experiments/brims_noise.py
 """
@@ -87,22 +99,14 @@ class BRIMsConfig:
     comm_key_size: int = 32  # RIMs Table 3
     comm_value_size: int = 32  # RIMs Table 3
     communication: bool = True  # False: modules of a layer never read each other (an ablation)
-    # the top-down key/value maps start as torch's default Linear init times this: 0 (our default) makes every
-    # top-down row equal to the null row at initialisation, so training starts from a stack of RIMs (see above)
-    top_down_init_scale: float = 0.0
-    readout: str = "top"  # what y_t reads: 'top' (the top layer's h, as the official code) or 'all' (every layer's h)
 
     def __post_init__(self):
         if self.cell not in ("lstm", "gru"):
             raise ValueError(f"cell must be 'lstm' or 'gru', got {self.cell!r}")
-        if self.readout not in ("top", "all"):
-            raise ValueError(f"readout must be 'top' or 'all', got {self.readout!r}")
         for name in ("input_size", "output_size", "embed_size", "num_layers", "input_key_size",
                      "input_value_size", "comm_heads", "comm_key_size", "comm_value_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.top_down_init_scale < 0:
-            raise ValueError(f"top_down_init_scale must be at least 0, got {self.top_down_init_scale}")
         if self.input_vocab < 0:
             raise ValueError(f"input_vocab must be 0 (real-valued inputs) or positive, got {self.input_vocab}")
         for name in ("num_modules", "num_active", "hidden_size"):
@@ -124,9 +128,12 @@ def grouped(num_modules, fan_in, fan_out, scale):
     return nn.Parameter(torch.empty(num_modules, fan_in, fan_out).uniform_(-scale, scale))
 
 
-def per_module(x, weight):
-    """Every module applies its own matrix to its own vector: (B, M, i), (M, i, o) -> (B, M, o)."""
-    return torch.einsum("bmi,mio->bmo", x, weight)
+def per_module(x, weight, bias=None):
+    """Every module applies its own matrix to its own vector: (B, M, i), (M, i, o) -> (B, M, o), plus
+    bias (M, 1, o) if given. One batched matmul over the module axis (x is read through a transposed view)."""
+    x = x.transpose(0, 1)  # (M, B, i)
+    out = torch.bmm(x, weight) if bias is None else torch.baddbmm(bias, x, weight)
+    return out.transpose(0, 1)
 
 
 class BRIMsLayer(nn.Module):
@@ -146,9 +153,6 @@ class BRIMsLayer(nn.Module):
         self.input_query = grouped(M, S, dk, bound)
         self.bottom_up_key_value = nn.Linear(below_size, dk + dv, bias=False)
         self.top_down_key_value = nn.Linear(above_size, dk + dv, bias=False) if above_size else None
-        if above_size:
-            with torch.no_grad():
-                self.top_down_key_value.weight.mul_(c.top_down_init_scale)
         # Eq. 2: one cell per module, weights (M, in, gates * S), torch's gate order and initialisation
         self.cell_input_weight = grouped(M, dv, gates * S, bound)
         self.cell_hidden_weight = grouped(M, S, gates * S, bound)
@@ -162,18 +166,28 @@ class BRIMsLayer(nn.Module):
             self.comm_output_gate = grouped(M, H * cv, 2 * S, 1 / math.sqrt(H * cv))  # W_o and W_g side by side
             self.comm_output_gate_bias = nn.Parameter(torch.zeros(M, 2 * S))
 
-    def source_attention(self, h, key_value):
-        """Eq. 1's attention. h (B, M, S) the layer's previous state; key_value (B, n, dk + dv) the
-        source rows (n = 2: bottom-up, top-down; n = 1 for the top layer).
-        Returns the attention (B, M, 3) over [null, bottom-up, top-down] and what each module read (B, M, dv)."""
-        dk = self.config.input_key_size
-        key, value = key_value.split((dk, self.config.input_value_size), dim=-1)
-        query = per_module(h, self.input_query)  # (B, M, dk)
-        scores = query @ key.transpose(1, 2) / math.sqrt(dk)  # (B, M, n): q_k . k_s / sqrt(dk)
-        scores = F.pad(scores, (1, 0))  # the null row's score: q . 0 = 0
-        attention = torch.softmax(scores, dim=-1)  # (B, M, 1 + n)
-        read = attention[..., 1:] @ value  # sum_s p_s v_s, the null's value is 0
-        return F.pad(attention, (0, 3 - attention.shape[-1])), read
+    def step_weights(self):
+        """What every step reads from h_{t-1}, as one matrix per module, built once per sequence (outside
+        the time loop): [W_q / sqrt(dk) | W_hh] side by side (M, S, dk + gates * S) with its bias (the
+        cell's two biases summed for an LSTM; a GRU keeps its input bias apart), and the communication
+        query scaled by 1 / sqrt(dk_comm). Scaling the query instead of the scores is the same softmax."""
+        c, M = self.config, self.num_modules
+        dk = c.input_key_size
+        hidden_bias = self.cell_hidden_bias + (self.cell_input_bias if c.cell == "lstm" else 0)
+        weights = {"from_h": torch.cat([self.input_query / math.sqrt(dk), self.cell_hidden_weight], dim=-1),
+                   "from_h_bias": F.pad(hidden_bias, (dk, 0)).unsqueeze(1)}  # no bias on the query
+        if c.communication:
+            weights["comm_query"] = self.comm_query / math.sqrt(c.comm_key_size)
+            weights["comm_output_gate_bias"] = self.comm_output_gate_bias.unsqueeze(1)
+        return weights
+
+    def source_attention(self, query, key_value):
+        """Eq. 1's attention. query (B, M, dk), already scaled by 1 / sqrt(dk); key_value (B, 1 + n, dk + dv)
+        the rows [null (zeros), bottom-up, top-down] (n = 2; n = 1 for the top layer, no top-down).
+        Returns the attention (B, M, 1 + n) and what each module read, sum_s p_s v_s (B, M, dv)."""
+        key, value = key_value.split((self.config.input_key_size, self.config.input_value_size), dim=-1)
+        attention = torch.softmax(query @ key.transpose(1, 2), dim=-1)  # softmax_s(q_k . k_s / sqrt(dk)), null: 0
+        return attention, attention @ value  # the null's value is 0
 
     def select_active(self, null_attention):
         """Top-k: the modules with the lowest null attention, ties to the lowest index. (B, M) bool,
@@ -182,50 +196,56 @@ class BRIMsLayer(nn.Module):
         active = torch.zeros_like(null_attention, dtype=torch.bool)
         return active.scatter(1, order[:, : self.num_active], True)
 
-    def cell(self, read, h, c):
-        """Eq. 2 for every module at once: module k runs its own LSTM/GRU (weights W[k]) on read[:, k]."""
+    def cell(self, read, h, c, from_hidden):
+        """Eq. 2 for every module at once: module k runs its own LSTM/GRU (weights W[k]) on read[:, k].
+        from_hidden (B, M, gates * S): W_hh h + the bias (step_weights), computed with the query."""
         S = self.module_size
-        from_input = per_module(read, self.cell_input_weight) + self.cell_input_bias  # (B, M, gates * S)
-        from_hidden = per_module(h, self.cell_hidden_weight) + self.cell_hidden_bias
         if self.config.cell == "lstm":
-            i, f, g, o = (from_input + from_hidden).split(S, dim=-1)
-            c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            return torch.sigmoid(o) * torch.tanh(c_new), c_new
+            gates = per_module(read, self.cell_input_weight, from_hidden.transpose(0, 1))  # W_ih x + W_hh h + b
+            i, f, _, o = torch.sigmoid(gates).split(S, dim=-1)
+            c_new = torch.addcmul(f * c, i, torch.tanh(gates[..., 2 * S: 3 * S]))
+            return o * torch.tanh(c_new), c_new
+        from_input = per_module(read, self.cell_input_weight, self.cell_input_bias.unsqueeze(1))
         (ri, zi, ni), (rh, zh, nh) = from_input.split(S, dim=-1), from_hidden.split(S, dim=-1)
         r, z = torch.sigmoid(ri + rh), torch.sigmoid(zi + zh)
         h_new = (1 - z) * torch.tanh(ni + r * nh) + z * h
         return h_new, h_new  # a GRU has no cell state: c mirrors h
 
-    def communicate(self, h_cell, h_kept, active):
+    def communicate(self, h_cell, h_kept, active, weights):
         """Eq. 3: every module queries the layer's modules (multi-head), gated residual. Keys and values
         come from h~ of active modules and the kept, detached h_{t-1} of inactive ones."""
         c = self.config
-        B, M, _ = h_cell.shape
+        B, M, S = h_cell.shape
         H, dk, dv = c.comm_heads, c.comm_key_size, c.comm_value_size
         source = torch.where(active.unsqueeze(-1), h_cell, h_kept.detach())
-        query = per_module(h_cell, self.comm_query).view(B, M, H, dk).transpose(1, 2)  # (B, H, M, dk)
-        key, value = per_module(source, self.comm_key_value).split((H * dk, H * dv), dim=-1)
-        key, value = key.reshape(B, M, H, dk).transpose(1, 2), value.reshape(B, M, H, dv).transpose(1, 2)
-        weights = torch.softmax(query @ key.transpose(-1, -2) / math.sqrt(dk), dim=-1)  # (B, H, M, M)
-        heads = (weights @ value).transpose(1, 2).reshape(B, M, H * dv)
-        output, gate = (per_module(heads, self.comm_output_gate) + self.comm_output_gate_bias).split(self.module_size, -1)
-        return h_cell + torch.sigmoid(gate) * torch.tanh(output)
+        query = torch.bmm(h_cell.transpose(0, 1), weights["comm_query"]).view(M, B, H, dk).permute(1, 2, 0, 3)
+        key, value = torch.bmm(source.transpose(0, 1), self.comm_key_value).split((H * dk, H * dv), dim=-1)
+        key, value = key.view(M, B, H, dk).permute(1, 2, 3, 0), value.view(M, B, H, dv).permute(1, 2, 0, 3)
+        heads = torch.softmax(query @ key, dim=-1) @ value  # (B, H, M, dv), the scores already / sqrt(dk)
+        heads = heads.permute(2, 0, 1, 3).reshape(M, B, H * dv)
+        output, gate = torch.baddbmm(weights["comm_output_gate_bias"], heads, self.comm_output_gate).split(S, -1)
+        return torch.addcmul(h_cell, torch.sigmoid(gate).transpose(0, 1), torch.tanh(output).transpose(0, 1))
 
-    def forward(self, bottom_up_key_value, top_down, h, c):
+    def forward(self, bottom_up_key_value, top_down, h, c, weights=None):
         """One step of the layer. bottom_up_key_value (B, dk + dv): the bottom-up row already mapped
         (its map is linear, so the first layer's is computed for all steps at once); top_down
-        (B, above_size) the layer above's state at t - 1, or None for the top layer; h, c (B, M, S).
-        Returns the new h, c, the active mask (B, M) and the attention (B, M, 3)."""
-        rows = [bottom_up_key_value]
+        (B, above_size) the layer above's state at t - 1, or None for the top layer; h, c (B, M, S);
+        weights: step_weights() (built here if not given). Returns the new h, c, the active mask (B, M)
+        and the attention (B, M, 3) over [null, bottom-up, top-down] (top layer: 0 on top-down)."""
+        weights = weights if weights is not None else self.step_weights()
+        dk = self.config.input_key_size
+        rows = [torch.zeros_like(bottom_up_key_value), bottom_up_key_value]  # the null row, then bottom-up
         if self.top_down_key_value is not None:
             rows.append(self.top_down_key_value(top_down))
-        attention, read = self.source_attention(h, torch.stack(rows, dim=1))  # Eq. 1
+        query, from_hidden = per_module(h, weights["from_h"], weights["from_h_bias"]).split(
+            (dk, weights["from_h"].shape[-1] - dk), dim=-1)  # q_k / sqrt(dk) and W_hh h + b: one matmul
+        attention, read = self.source_attention(query, torch.stack(rows, dim=1))  # Eq. 1
         active = self.select_active(attention[..., 0])  # top-k on the null attention
-        h_cell, c_cell = self.cell(read, h, c)  # Eq. 2, computed for all, kept for the active
+        h_cell, c_cell = self.cell(read, h, c, from_hidden)  # Eq. 2, computed for all, kept for the active
         if self.config.communication:
-            h_cell = self.communicate(h_cell, h, active)  # Eq. 3
+            h_cell = self.communicate(h_cell, h, active, weights)  # Eq. 3
         keep = active.unsqueeze(-1)  # inactive modules: h_t = h_{t-1}, c likewise, exactly
-        return torch.where(keep, h_cell, h), torch.where(keep, c_cell, c), active, attention
+        return torch.where(keep, h_cell, h), torch.where(keep, c_cell, c), active, F.pad(attention, (0, 3 - attention.shape[-1]))
 
 
 class BRIMs(nn.Module):
@@ -243,7 +263,7 @@ class BRIMs(nn.Module):
             above = sizes[layer + 1] if layer + 1 < c.num_layers else 0
             self.layers.append(BRIMsLayer(c, c.num_modules[layer], c.num_active[layer], sizes[layer],
                                           below if layer == 0 else sizes[layer - 1], above))
-        self.output = nn.Linear(sizes[-1] if c.readout == "top" else sum(sizes), c.output_size)  # y_t
+        self.output = nn.Linear(sizes[-1], c.output_size)  # y_t from the top layer
 
     def initial_state(self, batch_size, device):
         return [(torch.zeros(batch_size, l.num_modules, l.module_size, device=device),) * 2 for l in self.layers]
@@ -256,16 +276,18 @@ class BRIMs(nn.Module):
         offsets = torch.arange(self.config.input_size, device=x.device) * self.config.input_vocab
         return self.embedding(codes + offsets).sum(dim=2)  # each channel's own table, summed
 
-    def step(self, bottom_up_key_value, states):
+    def step(self, bottom_up_key_value, states, weights=None):
         """One time step of every layer, bottom to top. bottom_up_key_value (B, dk + dv): the input's
-        row for the first layer; states: a list of (h, c) per layer, the states after t - 1.
-        Returns the new states, and per layer the active mask and the source attention."""
+        row for the first layer; states: a list of (h, c) per layer, the states after t - 1; weights:
+        each layer's step_weights() (built here if not given). Returns the new states, and per layer
+        the active mask and the source attention."""
+        weights = weights if weights is not None else [layer.step_weights() for layer in self.layers]
         new_states, actives, attentions = [], [], []
         row = bottom_up_key_value
         for index, layer in enumerate(self.layers):
             h, c = states[index]
             above = states[index + 1][0].flatten(1) if index + 1 < len(self.layers) else None  # h^{l+1}_{t-1}
-            h, c, active, attention = layer(row, above, h, c)
+            h, c, active, attention = layer(row, above, h, c, weights[index])
             new_states.append((h, c))
             actives.append(active)
             attentions.append(attention)
@@ -277,11 +299,11 @@ class BRIMs(nn.Module):
         B = x.shape[0]
         states = self.initial_state(B, x.device)
         rows = self.layers[0].bottom_up_key_value(self.embed(x))  # (B, T, dk + dv), all steps at once
+        weights = [layer.step_weights() for layer in self.layers]  # once per sequence, not per step
         tops, actives, attentions = [], [], []
         for row in rows.unbind(1):
-            states, active, attention = self.step(row, states)
-            tops.append(states[-1][0].flatten(1) if self.config.readout == "top"
-                        else torch.cat([h.flatten(1) for h, _ in states], dim=1))
+            states, active, attention = self.step(row, states, weights)
+            tops.append(states[-1][0].flatten(1))
             actives.append(active)
             attentions.append(attention)
         logits = self.output(torch.stack(tops, dim=1))  # (B, T, output_size)

@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def small(**overrides):
     config = dict(input_size=5, output_size=3, num_layers=2, num_modules=(6, 4), num_active=(4, 2),
                   hidden_size=(24, 16), input_key_size=8, input_value_size=10, comm_heads=2, comm_key_size=4,
-                  comm_value_size=4, top_down_init_scale=1.0)  # a live top-down path (the default starts it at 0)
+                  comm_value_size=4)
     return BRIMs(BRIMsConfig(**{**config, **overrides}))
 
 
@@ -55,8 +55,11 @@ def test_attention_is_the_softmax_over_the_three_rows_by_hand():
     layer = model.layers[0]
     h = torch.randn(2, 6, 4)
     key_value = torch.randn(2, 2, 8 + 10)  # bottom-up and top-down rows
-    attention, read = layer.source_attention(h, key_value)
-    query = torch.stack([h[:, k] @ layer.input_query[k] for k in range(6)], dim=1)  # (B, M, dk)
+    weights = layer.step_weights()
+    scaled_query = per_module(h, weights["from_h"], weights["from_h_bias"])[..., :8]  # what a step computes
+    rows = torch.cat([torch.zeros(2, 1, 18), key_value], dim=1)  # the null row first
+    attention, read = layer.source_attention(scaled_query, rows)
+    query = torch.stack([h[:, k] @ layer.input_query[k] for k in range(6)], dim=1)  # (B, M, dk), by hand
     key, value = key_value[..., :8], key_value[..., 8:]
     scores = torch.cat([torch.zeros(2, 6, 1), torch.einsum("bmd,bsd->bms", query, key) / 8 ** 0.5], dim=-1)
     expected = torch.softmax(scores, dim=-1)
@@ -112,43 +115,6 @@ def test_perturbing_the_upper_layer_at_t_changes_the_lower_layer_only_from_t_plu
     for t in range(3):  # up to and including t: identical
         assert torch.equal(clean[t][0], perturbed[t][0]) and torch.equal(clean[t][1], perturbed[t][1])
     assert not torch.allclose(clean[3][1], perturbed[3][1])  # t + 1: the lower layer's attention moved
-
-
-def test_by_default_the_top_down_row_starts_as_the_null_row_and_can_still_learn():
-    torch.manual_seed(0)
-    model = small(top_down_init_scale=0.0)  # the default
-    assert BRIMsConfig().top_down_init_scale == 0.0
-    assert torch.equal(model.layers[0].top_down_key_value.weight, torch.zeros(8 + 10, 16))
-    x, states = torch.randn(3, 5), random_states(model, 3)
-    _, _, attentions = one_step(model, x, states)
-    assert torch.equal(attentions[0][..., 2], attentions[0][..., 0])  # score 0, like null: same weight
-    # the layer above cannot yet change the lower layer, but the map gets a gradient and leaves zero
-    changed = [states[0], (states[1][0] + 1.0, states[1][1])]
-    new_states, _, _ = one_step(model, x, states)
-    changed_states, _, _ = one_step(model, x, changed)
-    assert torch.equal(new_states[0][0], changed_states[0][0])
-    model(torch.randn(4, 8, 5))[0].pow(2).sum().backward()
-    assert model.layers[0].top_down_key_value.weight.grad.abs().sum() > 0
-    # a positive scale multiplies torch's default initialisation (same random draw)
-    torch.manual_seed(0)
-    scaled = small(top_down_init_scale=0.5)
-    torch.manual_seed(0)
-    assert torch.allclose(scaled.layers[0].top_down_key_value.weight, 0.5 * small().layers[0].top_down_key_value.weight)
-
-
-def test_readout_all_reads_every_layer_and_top_reads_the_top_layer_only():
-    torch.manual_seed(0)
-    x = torch.randn(2, 5, 5)
-    for readout, size in (("top", 16), ("all", 24 + 16)):
-        model = small(readout=readout)
-        assert model.output.in_features == size
-        logits, _ = model(x)
-        states, hs = model.initial_state(2, "cpu"), []
-        for row in model.layers[0].bottom_up_key_value(x).unbind(1):
-            states, _, _ = model.step(row, states)
-            hs.append(torch.cat([h.flatten(1) for h, _ in states], dim=1))
-        hs = torch.stack(hs, dim=1)  # (B, T, 24 + 16): the lower layer's h, then the upper's
-        assert torch.allclose(logits, model.output(hs if readout == "all" else hs[..., 24:]), atol=1e-6)
 
 
 def test_outputs_at_a_step_do_not_depend_on_later_inputs():
@@ -216,7 +182,8 @@ def test_grouped_dynamics_equal_separate_torch_cells_run_one_by_one(cell):
     torch.manual_seed(0)
     layer = small(cell=cell).layers[0]
     read, h, c = torch.randn(3, 6, 10), torch.randn(3, 6, 4), torch.randn(3, 6, 4)
-    h_grouped, c_grouped = layer.cell(read, h, c)
+    weights = layer.step_weights()  # W_hh h + bias comes out of the same matmul as the query
+    h_grouped, c_grouped = layer.cell(read, h, c, per_module(h, weights["from_h"], weights["from_h_bias"])[..., 8:])
     assert layer.cell_hidden_weight.shape == (6, 4, (4 if cell == "lstm" else 3) * 4)  # no dense (24, 96) matrix
     for k in range(6):
         torch_cell = nn.LSTMCell(10, 4) if cell == "lstm" else nn.GRUCell(10, 4)
@@ -286,7 +253,7 @@ def test_a_short_run_lowers_the_loss():
 
 def test_bad_config_is_refused():
     for bad in (dict(num_active=(7,)), dict(hidden_size=(25,)), dict(num_modules=(6, 6, 6)), dict(cell="rnn"),
-                dict(num_layers=0), dict(input_vocab=-1), dict(readout="bottom"), dict(top_down_init_scale=-1.0)):
+                dict(num_layers=0), dict(input_vocab=-1)):
         with pytest.raises(ValueError):
             BRIMsConfig(**bad)
     assert BRIMsConfig(num_layers=3, hidden_size=(60,)).hidden_size == (60, 60, 60)
