@@ -130,8 +130,9 @@ def grouped(num_modules, fan_in, fan_out, scale):
 
 def per_module(x, weight, bias=None):
     """Every module applies its own matrix to its own vector: (B, M, i), (M, i, o) -> (B, M, o), plus
-    bias (M, 1, o) if given. One batched matmul over the module axis (x is read through a transposed view)."""
-    x = x.transpose(0, 1)  # (M, B, i)
+    bias (M, 1, o) if given. One batched matmul over the module axis. x is copied to (M, B, i) first: with
+    a transposed view the weight's gradient (x^T @ grad) takes a slow path in torch's CPU bmm."""
+    x = x.transpose(0, 1).contiguous()  # (M, B, i)
     out = torch.bmm(x, weight) if bias is None else torch.baddbmm(bias, x, weight)
     return out.transpose(0, 1)
 
@@ -186,7 +187,9 @@ class BRIMsLayer(nn.Module):
         the rows [null (zeros), bottom-up, top-down] (n = 2; n = 1 for the top layer, no top-down).
         Returns the attention (B, M, 1 + n) and what each module read, sum_s p_s v_s (B, M, dv)."""
         key, value = key_value.split((self.config.input_key_size, self.config.input_value_size), dim=-1)
-        attention = torch.softmax(query @ key.transpose(1, 2), dim=-1)  # softmax_s(q_k . k_s / sqrt(dk)), null: 0
+        # softmax_s(q_k . k_s / sqrt(dk)), null: 0; laid out (B, 1 + n, M) with the softmax over dim 1, which
+        # torch's CPU kernel does several times faster than over a short last dimension
+        attention = torch.softmax(key @ query.transpose(1, 2), dim=1).transpose(1, 2)  # (B, M, 1 + n)
         return attention, attention @ value  # the null's value is 0
 
     def select_active(self, null_attention):
@@ -218,10 +221,12 @@ class BRIMsLayer(nn.Module):
         B, M, S = h_cell.shape
         H, dk, dv = c.comm_heads, c.comm_key_size, c.comm_value_size
         source = torch.where(active.unsqueeze(-1), h_cell, h_kept.detach())
-        query = torch.bmm(h_cell.transpose(0, 1), weights["comm_query"]).view(M, B, H, dk).permute(1, 2, 0, 3)
+        query = torch.bmm(h_cell.transpose(0, 1), weights["comm_query"]).view(M, B, H, dk).permute(1, 2, 3, 0)
         key, value = torch.bmm(source.transpose(0, 1), self.comm_key_value).split((H * dk, H * dv), dim=-1)
-        key, value = key.view(M, B, H, dk).permute(1, 2, 3, 0), value.view(M, B, H, dv).permute(1, 2, 0, 3)
-        heads = torch.softmax(query @ key, dim=-1) @ value  # (B, H, M, dv), the scores already / sqrt(dk)
+        key, value = key.view(M, B, H, dk).permute(1, 2, 0, 3), value.view(M, B, H, dv).permute(1, 2, 0, 3)
+        # scores (B, H, key module, query module), already / sqrt(dk), softmax over the keys on dim -2 (faster,
+        # as above); then each query module's mix of values (B, H, M, dv)
+        heads = torch.softmax(key @ query, dim=-2).transpose(-1, -2) @ value
         heads = heads.permute(2, 0, 1, 3).reshape(M, B, H * dv)
         output, gate = torch.baddbmm(weights["comm_output_gate_bias"], heads, self.comm_output_gate).split(S, -1)
         return torch.addcmul(h_cell, torch.sigmoid(gate).transpose(0, 1), torch.tanh(output).transpose(0, 1))
