@@ -44,16 +44,16 @@ Choices the paper leaves open, and what we do:
   lookup table (the paper embeds pixel values); the embeddings of the channels are summed.
 - Sequential MNIST embeds its binary pixel with a 2-entry table of the layer's size (train.py's preset:
   input_vocab 2, embed_size = hidden size), as the official code does (nn.Embedding(2, emsize) with
-  emsize = nhid in MNIST/train_mnist.py and rnn_models.py). We first fed the pixel itself (1 x 1 -> key
-  and value): then a background pixel is exactly the null row, and two layers did not start learning
-  in the README's 300-step protocol (training loss 2.30 throughout) while one layer did. Short runs
-  traced this to the top-down row: with its map frozen at zero, two layers learned like one; scaling
-  its initialisation down did not help (Adam moves every weight by about lr per step, so a map
-  started at zero is back to its usual size within tens of steps). With a pixel row of 1 number
-  against a top-down row of hidden-size numbers, and the bottom-up row equal to null on the ~80 %
-  background pixels, the first layer's modules read mostly the layer above; the embedding gives the
-  pixel a row as wide as the top-down one and a key of its own for background pixels, and two
-  layers then leave chance within the first 100 steps (README, "BRIMs").
+  emsize = nhid in MNIST/train_mnist.py and rnn_models.py). Fed the pixel itself (a 1 -> dk + dv
+  map, so a background pixel is exactly the null row), two layers did not start learning in the
+  README's 300-step protocol while one layer did. Short diagnostic runs (150 steps, one seed) pointed
+  at the top-down row: with its map frozen at zero, two layers left chance within 70-110 steps, as one
+  layer does; reading every layer in the classifier or starting the map at zero did not help (Adam moves every
+  weight by about lr per step, so a map started at zero is back to its usual size within tens of
+  steps). A likely reason: the pixel's row is one number wide against the top-down row's hidden-size
+  numbers, and it is the null row itself on the ~80 % background pixels, so the first layer hears
+  little but the layer above. The embedding gives the pixel a row as wide as the top-down one, with a
+  key of its own for background, and then two layers leave chance in all three seeds (README, "BRIMs").
 - The top-down row at step t is the layer above's state after step t - 1 (zeros at t = 0). Within a
   step the layers update from the bottom up, so layer l + 1's bottom-up row is layer l's new state.
 - Ties in null attention go to the lowest module index (a stable sort on detached scores).
