@@ -25,7 +25,7 @@ S = module size = hidden_size[l] / M, dk = input_key_size, dv = input_value_size
     x_t                    x[:, t]              (B, input_size)
     h^l_{t,k}, c^l_{t,k}   states[l] = (h, c)   (B, M, S)
     q^l_k (Eq. 1)          query                (B, M, dk), one query weight per module
-    K, V over [null, h^{l-1}_t, h^{l+1}_{t-1}]  key, value  (B, sources, dk) and (B, sources, dv); null's are 0
+    K, V over [null, h^{l-1}_t, h^{l+1}_{t-1}]  key, value  (B, 1 + n, dk) and (B, 1 + n, dv); the null row's are 0
     attention (Eq. 1)      source_attention     (B, M, 3) over [null, bottom-up, top-down]
     S^l_t (top-k)          active               (B, M) bool, exactly num_active[l] True
     Eq. 2 (per-module LSTM) cell                (B, M, S) new h, c for every module, kept for the active
@@ -60,13 +60,16 @@ Choices the paper leaves open, and what we do:
 - Communication, the gated residual and the treatment of inactive modules are those of our rims.py:
   inactive modules are read with their kept, detached state, so they get no gradient through it.
 - The logits read the top layer only, as the official code does. No dropout (short runs).
+- Speed (same results): per step one batched matmul gives both the query and the cells' recurrent
+  gates (step_weights, built once per sequence), the first layer's bottom-up keys and values are
+  computed for all steps at once, and the softmaxes run over a non-last dimension (faster on CPU).
 
 Where the official code (github.com/sarthmit/BRIMs) differs: it feeds a top-down row only into
 the first layer (the top layer's previous state, `use_higher` on layer 0 only), while the paper's
 Figure 1 and text give every layer but the top one a top-down row from the layer above; we follow
 the paper (with two layers, the default, the two coincide). Its input attention has 4 heads,
 averaged for the top-k choice (we use one); its per-module LSTM is a dense LSTM with off-diagonal
-blocks zeroed (we use grouped weights: an einsum over a module axis); its attention maps start at
+blocks zeroed (we use grouped weights: a batched matmul over a module axis); its attention maps start at
 0.01 * N(0, 1) (ours: torch's Linear default); and it trains with dropout 0.5 and Adam at 1e-3 (the
 default of MNIST/train_mnist.py and CIFAR10/train_cifar.py).
 
