@@ -25,7 +25,7 @@ S = module size = hidden_size[l] / M, dk = input_key_size, dv = input_value_size
     x_t                    x[:, t]              (B, input_size)
     h^l_{t,k}, c^l_{t,k}   states[l] = (h, c)   (B, M, S)
     q^l_k (Eq. 1)          query                (B, M, dk), one query weight per module
-    K, V over [null, h^{l-1}_t, h^{l+1}_{t-1}]  key, value  (B, sources, dk) and (B, sources, dv); null's are 0
+    K, V over [null, h^{l-1}_t, h^{l+1}_{t-1}]  key, value  (B, 1 + n, dk) and (B, 1 + n, dv); the null row's are 0
     attention (Eq. 1)      source_attention     (B, M, 3) over [null, bottom-up, top-down]
     S^l_t (top-k)          active               (B, M) bool, exactly num_active[l] True
     Eq. 2 (per-module LSTM) cell                (B, M, S) new h, c for every module, kept for the active
@@ -38,25 +38,40 @@ Choices the paper leaves open, and what we do:
   key and value are exactly 0 and its score is 0. The attention weight on each source is one softmax
   over [0, q.k_bu / sqrt(dk), q.k_td / sqrt(dk)]; the top layer softmaxes over [null, bottom-up] and
   reports 0 on top-down. A module reads p_bu v_bu + p_td v_td.
-- The first layer's bottom-up row is the input x_t: with a bias-free map an all-zero input (an MNIST
-  background pixel) is the null row, as in our rims.py. With input_vocab > 0 the input holds integer
-  codes per channel (CIFAR's RGB bytes, 0..255) and each channel's code is embedded by a lookup
-  table (the paper embeds pixel values); the embeddings of the channels are summed.
+- The first layer's bottom-up row is the input x_t: with a bias-free map an all-zero input is the
+  null row, as in our rims.py. With input_vocab > 0 the input holds integer codes per channel
+  (CIFAR's RGB bytes, 0..255; MNIST's binary pixels, 0..1) and each channel's code is embedded by a
+  lookup table (the paper embeds pixel values); the embeddings of the channels are summed.
+- Sequential MNIST embeds its binary pixel with a 2-entry table of the layer's size (train.py's preset:
+  input_vocab 2, embed_size = hidden size), as the official code does (nn.Embedding(2, emsize) with
+  emsize = nhid in MNIST/train_mnist.py and rnn_models.py). Fed the pixel itself (a 1 -> dk + dv
+  map, so a background pixel is exactly the null row), two layers did not start learning in the
+  README's 300-step protocol while one layer did. Short diagnostic runs (150 steps, one seed) pointed
+  at the top-down row: with its map frozen at zero, two layers left chance within 70-110 steps, as one
+  layer does; reading every layer in the classifier or starting the map at zero did not help (Adam moves every
+  weight by about lr per step, so a map started at zero is back to its usual size within tens of
+  steps). A likely reason: the pixel's row is one number wide against the top-down row's hidden-size
+  numbers, and it is the null row itself on the ~80 % background pixels, so the first layer hears
+  little but the layer above. The embedding gives the pixel a row as wide as the top-down one, with a
+  key of its own for background, and then two layers leave chance in all three seeds (README, "BRIMs").
 - The top-down row at step t is the layer above's state after step t - 1 (zeros at t = 0). Within a
   step the layers update from the bottom up, so layer l + 1's bottom-up row is layer l's new state.
 - Ties in null attention go to the lowest module index (a stable sort on detached scores).
 - Communication, the gated residual and the treatment of inactive modules are those of our rims.py:
   inactive modules are read with their kept, detached state, so they get no gradient through it.
 - The logits read the top layer only, as the official code does. No dropout (short runs).
+- Speed (same results): per step one batched matmul gives both the query and the cells' recurrent
+  gates (step_weights, built once per sequence), the first layer's bottom-up keys and values are
+  computed for all steps at once, and the softmaxes run over a non-last dimension (faster on CPU).
 
 Where the official code (github.com/sarthmit/BRIMs) differs: it feeds a top-down row only into
 the first layer (the top layer's previous state, `use_higher` on layer 0 only), while the paper's
 Figure 1 and text give every layer but the top one a top-down row from the layer above; we follow
 the paper (with two layers, the default, the two coincide). Its input attention has 4 heads,
 averaged for the top-k choice (we use one); its per-module LSTM is a dense LSTM with off-diagonal
-blocks zeroed (we use grouped weights: an einsum over a module axis); it embeds MNIST's binary
-pixels with a 2-entry lookup table, so a background pixel is not the null row there; and it trains
-with dropout 0.5 and Adam at 7e-4.
+blocks zeroed (we use grouped weights: a batched matmul over a module axis); its attention maps start at
+0.01 * N(0, 1) (ours: torch's Linear default); and it trains with dropout 0.5 and Adam at 1e-3 (the
+default of MNIST/train_mnist.py and CIFAR10/train_cifar.py).
 
 Reproduce: python train.py --model brims --task seqmnist ; python experiments/brims_noise.py
 """
@@ -116,9 +131,13 @@ def grouped(num_modules, fan_in, fan_out, scale):
     return nn.Parameter(torch.empty(num_modules, fan_in, fan_out).uniform_(-scale, scale))
 
 
-def per_module(x, weight):
-    """Every module applies its own matrix to its own vector: (B, M, i), (M, i, o) -> (B, M, o)."""
-    return torch.einsum("bmi,mio->bmo", x, weight)
+def per_module(x, weight, bias=None):
+    """Every module applies its own matrix to its own vector: (B, M, i), (M, i, o) -> (B, M, o), plus
+    bias (M, 1, o) if given. One batched matmul over the module axis. x is copied to (M, B, i) first: with
+    a transposed view the weight's gradient (x^T @ grad) takes a slow path in torch's CPU bmm."""
+    x = x.transpose(0, 1).contiguous()  # (M, B, i)
+    out = torch.bmm(x, weight) if bias is None else torch.baddbmm(bias, x, weight)
+    return out.transpose(0, 1)
 
 
 class BRIMsLayer(nn.Module):
@@ -151,18 +170,30 @@ class BRIMsLayer(nn.Module):
             self.comm_output_gate = grouped(M, H * cv, 2 * S, 1 / math.sqrt(H * cv))  # W_o and W_g side by side
             self.comm_output_gate_bias = nn.Parameter(torch.zeros(M, 2 * S))
 
-    def source_attention(self, h, key_value):
-        """Eq. 1's attention. h (B, M, S) the layer's previous state; key_value (B, n, dk + dv) the
-        source rows (n = 2: bottom-up, top-down; n = 1 for the top layer).
-        Returns the attention (B, M, 3) over [null, bottom-up, top-down] and what each module read (B, M, dv)."""
-        dk = self.config.input_key_size
-        key, value = key_value.split((dk, self.config.input_value_size), dim=-1)
-        query = per_module(h, self.input_query)  # (B, M, dk)
-        scores = query @ key.transpose(1, 2) / math.sqrt(dk)  # (B, M, n): q_k . k_s / sqrt(dk)
-        scores = F.pad(scores, (1, 0))  # the null row's score: q . 0 = 0
-        attention = torch.softmax(scores, dim=-1)  # (B, M, 1 + n)
-        read = attention[..., 1:] @ value  # sum_s p_s v_s, the null's value is 0
-        return F.pad(attention, (0, 3 - attention.shape[-1])), read
+    def step_weights(self):
+        """What every step reads from h_{t-1}, as one matrix per module, built once per sequence (outside
+        the time loop): [W_q / sqrt(dk) | W_hh] side by side (M, S, dk + gates * S) with its bias (the
+        cell's two biases summed for an LSTM; a GRU keeps its input bias apart), and the communication
+        query scaled by 1 / sqrt(dk_comm). Scaling the query instead of the scores is the same softmax."""
+        c, M = self.config, self.num_modules
+        dk = c.input_key_size
+        hidden_bias = self.cell_hidden_bias + (self.cell_input_bias if c.cell == "lstm" else 0)
+        weights = {"from_h": torch.cat([self.input_query / math.sqrt(dk), self.cell_hidden_weight], dim=-1),
+                   "from_h_bias": F.pad(hidden_bias, (dk, 0)).unsqueeze(1)}  # no bias on the query
+        if c.communication:
+            weights["comm_query"] = self.comm_query / math.sqrt(c.comm_key_size)
+            weights["comm_output_gate_bias"] = self.comm_output_gate_bias.unsqueeze(1)
+        return weights
+
+    def source_attention(self, query, key_value):
+        """Eq. 1's attention. query (B, M, dk), already scaled by 1 / sqrt(dk); key_value (B, 1 + n, dk + dv)
+        the rows [null (zeros), bottom-up, top-down] (n = 2; n = 1 for the top layer, no top-down).
+        Returns the attention (B, M, 1 + n) and what each module read, sum_s p_s v_s (B, M, dv)."""
+        key, value = key_value.split((self.config.input_key_size, self.config.input_value_size), dim=-1)
+        # softmax_s(q_k . k_s / sqrt(dk)), null: 0; laid out (B, 1 + n, M) with the softmax over dim 1, which
+        # torch's CPU kernel does several times faster than over a short last dimension
+        attention = torch.softmax(key @ query.transpose(1, 2), dim=1).transpose(1, 2)  # (B, M, 1 + n)
+        return attention, attention @ value  # the null's value is 0
 
     def select_active(self, null_attention):
         """Top-k: the modules with the lowest null attention, ties to the lowest index. (B, M) bool,
@@ -171,50 +202,58 @@ class BRIMsLayer(nn.Module):
         active = torch.zeros_like(null_attention, dtype=torch.bool)
         return active.scatter(1, order[:, : self.num_active], True)
 
-    def cell(self, read, h, c):
-        """Eq. 2 for every module at once: module k runs its own LSTM/GRU (weights W[k]) on read[:, k]."""
+    def cell(self, read, h, c, from_hidden):
+        """Eq. 2 for every module at once: module k runs its own LSTM/GRU (weights W[k]) on read[:, k].
+        from_hidden (B, M, gates * S): W_hh h + the bias (step_weights), computed with the query."""
         S = self.module_size
-        from_input = per_module(read, self.cell_input_weight) + self.cell_input_bias  # (B, M, gates * S)
-        from_hidden = per_module(h, self.cell_hidden_weight) + self.cell_hidden_bias
         if self.config.cell == "lstm":
-            i, f, g, o = (from_input + from_hidden).split(S, dim=-1)
-            c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            return torch.sigmoid(o) * torch.tanh(c_new), c_new
+            gates = per_module(read, self.cell_input_weight, from_hidden.transpose(0, 1))  # W_ih x + W_hh h + b
+            i, f, _, o = torch.sigmoid(gates).split(S, dim=-1)
+            c_new = torch.addcmul(f * c, i, torch.tanh(gates[..., 2 * S: 3 * S]))
+            return o * torch.tanh(c_new), c_new
+        from_input = per_module(read, self.cell_input_weight, self.cell_input_bias.unsqueeze(1))
         (ri, zi, ni), (rh, zh, nh) = from_input.split(S, dim=-1), from_hidden.split(S, dim=-1)
         r, z = torch.sigmoid(ri + rh), torch.sigmoid(zi + zh)
         h_new = (1 - z) * torch.tanh(ni + r * nh) + z * h
         return h_new, h_new  # a GRU has no cell state: c mirrors h
 
-    def communicate(self, h_cell, h_kept, active):
+    def communicate(self, h_cell, h_kept, active, weights):
         """Eq. 3: every module queries the layer's modules (multi-head), gated residual. Keys and values
         come from h~ of active modules and the kept, detached h_{t-1} of inactive ones."""
         c = self.config
-        B, M, _ = h_cell.shape
+        B, M, S = h_cell.shape
         H, dk, dv = c.comm_heads, c.comm_key_size, c.comm_value_size
         source = torch.where(active.unsqueeze(-1), h_cell, h_kept.detach())
-        query = per_module(h_cell, self.comm_query).view(B, M, H, dk).transpose(1, 2)  # (B, H, M, dk)
-        key, value = per_module(source, self.comm_key_value).split((H * dk, H * dv), dim=-1)
-        key, value = key.reshape(B, M, H, dk).transpose(1, 2), value.reshape(B, M, H, dv).transpose(1, 2)
-        weights = torch.softmax(query @ key.transpose(-1, -2) / math.sqrt(dk), dim=-1)  # (B, H, M, M)
-        heads = (weights @ value).transpose(1, 2).reshape(B, M, H * dv)
-        output, gate = (per_module(heads, self.comm_output_gate) + self.comm_output_gate_bias).split(self.module_size, -1)
-        return h_cell + torch.sigmoid(gate) * torch.tanh(output)
+        query = torch.bmm(h_cell.transpose(0, 1), weights["comm_query"]).view(M, B, H, dk).permute(1, 2, 3, 0)
+        key, value = torch.bmm(source.transpose(0, 1), self.comm_key_value).split((H * dk, H * dv), dim=-1)
+        key, value = key.view(M, B, H, dk).permute(1, 2, 0, 3), value.view(M, B, H, dv).permute(1, 2, 0, 3)
+        # scores (B, H, key module, query module), already / sqrt(dk), softmax over the keys on dim -2 (faster,
+        # as above); then each query module's mix of values (B, H, M, dv)
+        heads = torch.softmax(key @ query, dim=-2).transpose(-1, -2) @ value
+        heads = heads.permute(2, 0, 1, 3).reshape(M, B, H * dv)
+        output, gate = torch.baddbmm(weights["comm_output_gate_bias"], heads, self.comm_output_gate).split(S, -1)
+        return torch.addcmul(h_cell, torch.sigmoid(gate).transpose(0, 1), torch.tanh(output).transpose(0, 1))
 
-    def forward(self, bottom_up_key_value, top_down, h, c):
+    def forward(self, bottom_up_key_value, top_down, h, c, weights=None):
         """One step of the layer. bottom_up_key_value (B, dk + dv): the bottom-up row already mapped
         (its map is linear, so the first layer's is computed for all steps at once); top_down
-        (B, above_size) the layer above's state at t - 1, or None for the top layer; h, c (B, M, S).
-        Returns the new h, c, the active mask (B, M) and the attention (B, M, 3)."""
-        rows = [bottom_up_key_value]
+        (B, above_size) the layer above's state at t - 1, or None for the top layer; h, c (B, M, S);
+        weights: step_weights() (built here if not given). Returns the new h, c, the active mask (B, M)
+        and the attention (B, M, 3) over [null, bottom-up, top-down] (top layer: 0 on top-down)."""
+        weights = weights if weights is not None else self.step_weights()
+        dk = self.config.input_key_size
+        rows = [torch.zeros_like(bottom_up_key_value), bottom_up_key_value]  # the null row, then bottom-up
         if self.top_down_key_value is not None:
             rows.append(self.top_down_key_value(top_down))
-        attention, read = self.source_attention(h, torch.stack(rows, dim=1))  # Eq. 1
+        query, from_hidden = per_module(h, weights["from_h"], weights["from_h_bias"]).split(
+            (dk, weights["from_h"].shape[-1] - dk), dim=-1)  # q_k / sqrt(dk) and W_hh h + b: one matmul
+        attention, read = self.source_attention(query, torch.stack(rows, dim=1))  # Eq. 1
         active = self.select_active(attention[..., 0])  # top-k on the null attention
-        h_cell, c_cell = self.cell(read, h, c)  # Eq. 2, computed for all, kept for the active
+        h_cell, c_cell = self.cell(read, h, c, from_hidden)  # Eq. 2, computed for all, kept for the active
         if self.config.communication:
-            h_cell = self.communicate(h_cell, h, active)  # Eq. 3
+            h_cell = self.communicate(h_cell, h, active, weights)  # Eq. 3
         keep = active.unsqueeze(-1)  # inactive modules: h_t = h_{t-1}, c likewise, exactly
-        return torch.where(keep, h_cell, h), torch.where(keep, c_cell, c), active, attention
+        return torch.where(keep, h_cell, h), torch.where(keep, c_cell, c), active, F.pad(attention, (0, 3 - attention.shape[-1]))
 
 
 class BRIMs(nn.Module):
@@ -245,16 +284,18 @@ class BRIMs(nn.Module):
         offsets = torch.arange(self.config.input_size, device=x.device) * self.config.input_vocab
         return self.embedding(codes + offsets).sum(dim=2)  # each channel's own table, summed
 
-    def step(self, bottom_up_key_value, states):
+    def step(self, bottom_up_key_value, states, weights=None):
         """One time step of every layer, bottom to top. bottom_up_key_value (B, dk + dv): the input's
-        row for the first layer; states: a list of (h, c) per layer, the states after t - 1.
-        Returns the new states, and per layer the active mask and the source attention."""
+        row for the first layer; states: a list of (h, c) per layer, the states after t - 1; weights:
+        each layer's step_weights() (built here if not given). Returns the new states, and per layer
+        the active mask and the source attention."""
+        weights = weights if weights is not None else [layer.step_weights() for layer in self.layers]
         new_states, actives, attentions = [], [], []
         row = bottom_up_key_value
         for index, layer in enumerate(self.layers):
             h, c = states[index]
             above = states[index + 1][0].flatten(1) if index + 1 < len(self.layers) else None  # h^{l+1}_{t-1}
-            h, c, active, attention = layer(row, above, h, c)
+            h, c, active, attention = layer(row, above, h, c, weights[index])
             new_states.append((h, c))
             actives.append(active)
             attentions.append(attention)
@@ -266,9 +307,10 @@ class BRIMs(nn.Module):
         B = x.shape[0]
         states = self.initial_state(B, x.device)
         rows = self.layers[0].bottom_up_key_value(self.embed(x))  # (B, T, dk + dv), all steps at once
+        weights = [layer.step_weights() for layer in self.layers]  # once per sequence, not per step
         tops, actives, attentions = [], [], []
         for row in rows.unbind(1):
-            states, active, attention = self.step(row, states)
+            states, active, attention = self.step(row, states, weights)
             tops.append(states[-1][0].flatten(1))
             actives.append(active)
             attentions.append(attention)

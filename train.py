@@ -84,11 +84,12 @@ PRESETS = {
                                comm_value_size=16, max_iters=300, batch_size=32, lr=3e-3, grad_clip=1.0,
                                eval_interval=100, log_interval=10, val_samples=1000, eval_samples=1000),
     # BRIMs paper, Table 1: two layers of RIMs; the RIMs CPU-scale protocol above, each layer the size of
-    # that RIMs model (6 modules, 4 active, hidden 120)
+    # that RIMs model (6 modules, 4 active, hidden 120). The binary pixel is embedded by a 2-entry lookup table
+    # of the layer's size, as the official code does (see brims.py and the README)
     ("brims", "seqmnist"): dict(num_layers=2, num_modules=(6,), num_active=(4,), hidden_size=(120,), input_key_size=32,
-                                input_value_size=32, comm_key_size=16, comm_value_size=16, max_iters=300, batch_size=32,
-                                lr=3e-3, grad_clip=1.0, eval_interval=100, log_interval=10, val_samples=1000,
-                                eval_samples=1000),
+                                input_value_size=32, comm_key_size=16, comm_value_size=16, input_vocab=2,
+                                embed_size=120, max_iters=300, batch_size=32, lr=3e-3, grad_clip=1.0,
+                                eval_interval=100, log_interval=10, val_samples=1000, eval_samples=1000),
     # BRIMs paper, Table 2 (sequential CIFAR-10 at 16 x 16): the model's defaults (two layers of 6 modules, 4 active,
     # hidden 600), 100 epochs of the 40k training images at batch 64, Adam 7e-4 and clip 1 as the official scripts.
     # Not run on our CPU (see README)

@@ -5,7 +5,11 @@ of layers and the same hidden size per layer, on the same batch of sequential-MN
 alternate, run after run, so that a noisy machine slows both alike. No dataset is needed.
 
     python benchmarks/brims_vs_lstm.py                                  # 2 layers of 600 (6 modules, 4 active), batch 64
-    python benchmarks/brims_vs_lstm.py --hidden_size 120 --input_key_size 32 --input_value_size 32 --threads 1
+    python benchmarks/brims_vs_lstm.py --hidden_size 120 --input_key_size 32 --input_value_size 32 \
+        --comm_key_size 16 --comm_value_size 16 --threads 1             # the sequential-MNIST preset's size
+
+BRIMs embeds the binary pixel with a 2-entry table of the hidden size, as the seqmnist preset does
+(--input_vocab 0 feeds the pixel itself); the LSTM reads the pixel.
 
 Prints the median ms per training step (forward, backward, Adam) of each and their ratio.
 """
@@ -31,6 +35,9 @@ def main():
     parser.add_argument("--num_active", type=int, default=4)
     parser.add_argument("--input_key_size", type=int, default=64)
     parser.add_argument("--input_value_size", type=int, default=400)
+    parser.add_argument("--comm_key_size", type=int, default=32)
+    parser.add_argument("--comm_value_size", type=int, default=32)
+    parser.add_argument("--input_vocab", type=int, default=2, help="BRIMs embeds the pixel (2 codes); 0: reads it as is")
     parser.add_argument("--resolution", type=int, default=14, help="sequence length resolution ** 2")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
@@ -45,7 +52,9 @@ def main():
     models = {"brims": BRIMs(BRIMsConfig(input_size=1, output_size=10, num_layers=args.num_layers,
                                          num_modules=(args.num_modules,), num_active=(args.num_active,),
                                          hidden_size=(args.hidden_size,), input_key_size=args.input_key_size,
-                                         input_value_size=args.input_value_size)),
+                                         input_value_size=args.input_value_size, comm_key_size=args.comm_key_size,
+                                         comm_value_size=args.comm_value_size, input_vocab=args.input_vocab,
+                                         embed_size=args.hidden_size)),
               "lstm": LSTM(LSTMConfig(input_size=1, output_size=10, hidden_size=args.hidden_size, num_layers=args.num_layers))}
     ms = time_side_by_side(models, lambda logits: F.cross_entropy(logits[:, -1], y), x, args.runs, args.steps)
     print(f"{args.resolution ** 2} steps, batch {args.batch_size}, {args.num_layers} layers of hidden {args.hidden_size}, "

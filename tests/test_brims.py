@@ -55,8 +55,11 @@ def test_attention_is_the_softmax_over_the_three_rows_by_hand():
     layer = model.layers[0]
     h = torch.randn(2, 6, 4)
     key_value = torch.randn(2, 2, 8 + 10)  # bottom-up and top-down rows
-    attention, read = layer.source_attention(h, key_value)
-    query = torch.stack([h[:, k] @ layer.input_query[k] for k in range(6)], dim=1)  # (B, M, dk)
+    weights = layer.step_weights()
+    scaled_query = per_module(h, weights["from_h"], weights["from_h_bias"])[..., :8]  # what a step computes
+    rows = torch.cat([torch.zeros(2, 1, 18), key_value], dim=1)  # the null row first
+    attention, read = layer.source_attention(scaled_query, rows)
+    query = torch.stack([h[:, k] @ layer.input_query[k] for k in range(6)], dim=1)  # (B, M, dk), by hand
     key, value = key_value[..., :8], key_value[..., 8:]
     scores = torch.cat([torch.zeros(2, 6, 1), torch.einsum("bmd,bsd->bms", query, key) / 8 ** 0.5], dim=-1)
     expected = torch.softmax(scores, dim=-1)
@@ -179,7 +182,8 @@ def test_grouped_dynamics_equal_separate_torch_cells_run_one_by_one(cell):
     torch.manual_seed(0)
     layer = small(cell=cell).layers[0]
     read, h, c = torch.randn(3, 6, 10), torch.randn(3, 6, 4), torch.randn(3, 6, 4)
-    h_grouped, c_grouped = layer.cell(read, h, c)
+    weights = layer.step_weights()  # W_hh h + bias comes out of the same matmul as the query
+    h_grouped, c_grouped = layer.cell(read, h, c, per_module(h, weights["from_h"], weights["from_h_bias"])[..., 8:])
     assert layer.cell_hidden_weight.shape == (6, 4, (4 if cell == "lstm" else 3) * 4)  # no dense (24, 96) matrix
     for k in range(6):
         torch_cell = nn.LSTMCell(10, 4) if cell == "lstm" else nn.GRUCell(10, 4)
