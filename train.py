@@ -101,13 +101,15 @@ PRESETS = {
     # UT paper, bAbI, scaled to a CPU: one bAbI task of en-10k, a small model, a few minutes
     **{(m, "babi"): dict(d_model=64, d_ff=128, num_heads=4, dropout=0.1, max_iters=1500, batch_size=32, lr=1e-3,
                          eval_interval=500, log_interval=50) for m in ("universal_transformer", "transformer")},
-    # UT paper, algorithmic tasks on a CPU: a small encoder-decoder, 8,000 steps (README for the paper-scale command)
+    # UT paper, algorithmic tasks on a CPU: a small encoder-decoder, 8,000 steps (README for the paper-scale command);
+    # addition strings hold at least 'a+b'
     **{(m, t): dict(d_model=64, d_ff=128, num_heads=4, dropout=0.0, max_iters=8000, batch_size=32, lr=1e-3,
-                    decay_lr=True, eval_interval=4000, log_interval=50)
+                    decay_lr=True, eval_interval=4000, log_interval=50, min_len=3 if t == "algo_addition" else 1)
        for m in ("universal_transformer", "transformer") for t in ("algo_copy", "algo_reverse", "algo_addition")},
     # the sequence-to-sequence LSTM baseline of the same tasks: 2 layers of 128, the same budget
     **{("lstm", t): dict(hidden_size=128, num_layers=2, max_iters=8000, batch_size=32, lr=1e-3, decay_lr=True,
-                         eval_interval=4000, log_interval=50) for t in ("algo_copy", "algo_reverse", "algo_addition")},
+                         eval_interval=4000, log_interval=50, min_len=3 if t == "algo_addition" else 1)
+       for t in ("algo_copy", "algo_reverse", "algo_addition")},
     # CPU scale (README): 32 x 32 sprites, encoder downsampling once, decoder from 8 x 8, batch 16;
     # warm-up and halving as the paper (Appendix E.1) over a schedule short enough for a CPU, and
     # Adam 1e-3 rather than the paper's 4e-4 (faster at this budget, README). Paper scale: README.

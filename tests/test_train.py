@@ -279,3 +279,24 @@ def test_warmup_ramps_the_learning_rate_linearly_from_zero(tmp_path):
     out, _ = run(tmp_path, "--max_iters", "2", "--warmup_iters", "4", "--lr", "1e-3")
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * 2 / 4)  # the second of 4 warm-up steps
+
+
+def test_every_preset_builds_its_model_and_task(tmp_path, monkeypatch):
+    """Each PRESETS entry gives valid training, model and task settings (tasks that need a dataset are
+    built up to the missing file, never downloaded here)."""
+    import data
+    from data import TASKS, DataError
+    from train import MODELS, PRESETS, TrainConfig, model_config_for, split_flags
+
+    def no_download(url, path, *args, **kwargs):
+        raise DataError(f"{path} is missing (not downloaded in tests)")
+
+    monkeypatch.setattr(data, "download", no_download)
+    for (model_name, task_name), preset in PRESETS.items():
+        TrainConfig(**split_flags(preset, TrainConfig))
+        config_cls, task_cls = TASKS[task_name]
+        try:
+            task = task_cls(config_cls(**split_flags(preset, config_cls)), data_dir=str(tmp_path))
+        except DataError:
+            continue
+        model_config_for(model_name, task, split_flags(preset, MODELS[model_name][0]))
