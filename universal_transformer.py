@@ -53,7 +53,8 @@ Choices the papers leave open, and what we do:
   chance on bAbI task 1 for the first ~250 steps with 8 fixed steps at lr 1e-3 (pre-norm: 0.1% error
   after 500 steps).
 - Embeddings are not scaled by sqrt(D); the sinusoids are Vaswani et al.'s, with positions
-  counted from 0 (+ an optional per-sample offset, as the paper's algorithmic tasks train with) and timesteps from 1.
+  counted from 0 (+ an optional per-sample offset, as the paper's algorithmic tasks train with; the
+  decoder's positions take the same offset) and timesteps from 1.
 - Halting arithmetic is fp32, also under autocast.
 - The decoder (decoder=True, for sequence-to-sequence tasks; section 2.1, Fig. 2 right) is the same
   recurrent block with a causal mask on its self-attention and a second attention, over the final
@@ -64,7 +65,8 @@ Choices the papers leave open, and what we do:
   later positions still attend to it), so generating T outputs costs T block calls per step, not T^2.
   bAbI reads its answer from the encoder's question position and needs no decoder.
 
-Reproduce: python train.py --model universal_transformer --task babi --data_dir DIR
+Reproduce: python train.py --model universal_transformer --task babi --data_dir DIR    (bAbI, encoder only)
+           python train.py --model universal_transformer --task algo_reverse             (encoder-decoder)
 """
 
 import math
