@@ -747,7 +747,8 @@ class Algorithmic(SequenceTask):
     def __init__(self, config, data_dir=None):
         super().__init__(config)
         if config.min_len < self.min_length:
-            raise ValueError(f"{type(self).__name__.lower()} needs min_len >= {self.min_length}")
+            raise ValueError(f"min_len must be at least {self.min_length} for this task (an input holds at least "
+                             f"'a+b'): pass --min_len {self.min_length} or more")
         self.spec = {"kind": self.kind, "vocab_size": 12, "output_size": 10, "decoder": True}
         self.eval_settings = {str(n): {"length": n, "offset": False} for n in config.eval_lengths}
         self.bench_setting = str(config.max_len) if config.max_len in config.eval_lengths else next(iter(self.eval_settings))

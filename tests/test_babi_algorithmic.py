@@ -261,3 +261,10 @@ def test_bench_times_the_universal_transformer_and_the_transformer():
     for model in ("universal_transformer", "transformer"):
         row = time_training(model, "algo_copy", 2, "cpu", False, warmup=0, runs=1, steps=1)
         assert row["model"] == model and row["setting"] == "40" and row["ms_per_step"] > 0
+
+
+def test_addition_shorter_than_a_plus_b_is_refused_in_one_line(tmp_path):
+    with pytest.raises(UserError, match="pass --min_len 3 or more"):
+        main(["--model", "universal_transformer", "--task", "algo_addition", "--min_len", "1",
+              "--out_dir", str(tmp_path / "add")])
+    assert not os.path.exists(tmp_path / "add")
