@@ -19,8 +19,8 @@ mask (B, T), 1 where the model is scored. Everything is generated on the fly fro
 the same seed gives the same data. Add a task: write its class here and add it to TASKS.
 Optional hooks: `model_inputs`, the batch keys the model takes as keyword tensors beside x (e.g. a
 padding mask, or a sequence-to-sequence task's targets y for the decoder; train.py passes each one
-the model's forward accepts); `eval_data(chunk, generator)`, the evaluation batches when they come from a dataset's
-test files rather than eval_batch; `eval_count(setting)`, the samples per setting (default eval_samples);
+the model's forward accepts); `eval_data(chunk, generator)`, the evaluation batches when they come
+from a dataset's test files rather than eval_batch; `eval_count(setting)`, the samples per setting (default eval_samples);
 `metric_key(metric, setting)`, the metrics.json name (default '<metric>@<setting>');
 `finish_metrics(totals, count)`, the final values from the summed metrics (default: totals / count);
 `summary(results)`, metrics over all settings (e.g. bAbI's mean error).
@@ -742,13 +742,9 @@ class Algorithmic(SequenceTask):
 
     kind = "seq2seq"
     model_inputs = ("position_offset", "y")  # y: the decoder's length, and its inputs when teacher forcing
-    min_length = 1
 
     def __init__(self, config, data_dir=None):
         super().__init__(config)
-        if config.min_len < self.min_length:
-            raise ValueError(f"min_len must be at least {self.min_length} for this task (an input holds at least "
-                             f"'a+b'): pass --min_len {self.min_length} or more")
         self.spec = {"kind": self.kind, "vocab_size": 12, "output_size": 10, "decoder": True}
         self.eval_settings = {str(n): {"length": n, "offset": False} for n in config.eval_lengths}
         self.bench_setting = str(config.max_len) if config.max_len in config.eval_lengths else next(iter(self.eval_settings))
@@ -808,7 +804,11 @@ class AlgoAddition(Algorithmic):
     digit first, as tensor2tensor's algorithmic addition (the generator the paper used) writes them.
     Outputs shorter than the batch's longest are padded at the end, where mask is 0."""
 
-    min_length = 3
+    def __init__(self, config, data_dir=None):
+        if config.min_len < 3:
+            raise ValueError("min_len must be at least 3 for addition (an input holds at least 'a+b'): "
+                             "pass --min_len 3 or more")
+        super().__init__(config, data_dir)
 
     def encode(self, digits, generator):
         B, L = digits.shape

@@ -258,20 +258,26 @@ class UniversalTransformer(nn.Module):
         self.embedding = nn.Embedding(c.vocab_size, c.d_model, padding_idx=0)
         if c.sentence_length:  # bAbI: a fact is the sum of its word embeddings under a learned positional mask
             self.word_position_mask = nn.Parameter(torch.ones(c.sentence_length, c.d_model))
+        def final_norm():  # pre-norm ends with one LayerNorm
+            return nn.LayerNorm(c.d_model) if c.norm_first else nn.Identity()
+
+        def halting_unit():  # W_h, b_h (Graves Eq. 5), one per position
+            unit = nn.Linear(c.d_model, 1)
+            nn.init.constant_(unit.bias, c.halting_bias_init)
+            return unit
+
         layers = 1 if c.universal else c.max_steps
         self.blocks = nn.ModuleList([Block(c) for _ in range(layers)])
-        self.final_norm = nn.LayerNorm(c.d_model) if c.norm_first else nn.Identity()  # pre-norm ends with one
+        self.final_norm = final_norm()
         self.output = nn.Linear(c.d_model, c.output_size)
         if c.act:
-            self.halting_unit = nn.Linear(c.d_model, 1)  # W_h, b_h (Graves Eq. 5), one per position
-            nn.init.constant_(self.halting_unit.bias, c.halting_bias_init)
+            self.halting_unit = halting_unit()
         if c.decoder:  # decoder inputs: 0 = start, k + 1 = output class k
             self.target_embedding = nn.Embedding(c.output_size + 1, c.d_model)
             self.decoder_blocks = nn.ModuleList([Block(c, cross=True) for _ in range(layers)])
-            self.decoder_final_norm = nn.LayerNorm(c.d_model) if c.norm_first else nn.Identity()
+            self.decoder_final_norm = final_norm()
             if c.act:
-                self.decoder_halting_unit = nn.Linear(c.d_model, 1)
-                nn.init.constant_(self.decoder_halting_unit.bias, c.halting_bias_init)
+                self.decoder_halting_unit = halting_unit()
 
     def embed(self, x):
         if x.dim() == 3:  # (B, S, W) facts: sum_j mask_j * E[word_j]
