@@ -4,10 +4,12 @@ Adam) on a fixed batch shape, timed after warm-up, median over several runs.
 
     python bench.py                                   # every model on copy, batch 1, 16 and 32
     python bench.py --models ntm --tasks copy,associative_recall --batch_sizes 16
-    python bench.py --device cuda --compile           # on a GPU, compiled, bf16 autocast
+    python bench.py --device cuda --modes compiled    # on a GPU, compiled, bf16 autocast
     python bench.py --models rims,lstm --tasks copy_delay --batch_sizes 64 --set hidden_size=600,num_layers=1
 
-Prints one row per (model, task, batch size) and, with --json FILE, writes them as JSON lines.
+Prints one row per (model, task, batch size): eager and compiled side by side (ms per step, sequences
+per second, the speed-up and the seconds the first compiled step spent compiling) and, with --json FILE,
+writes one JSON line per mode.
 The shape is the task's `bench_setting` (copy: length-20 sequences, 41 steps). Each model is built
 as train.py builds it for the task (its preset's model fields included); --set overrides model
 fields, for every model that has them (e.g. the same total hidden_size for RIMs and the LSTM).
@@ -73,6 +75,10 @@ def time_training(model_name, task_name, batch_size, device, compile_model, warm
         if device_type == "cuda":
             torch.cuda.synchronize()
 
+    t0 = time.perf_counter()
+    train_step()  # compiles, when compiling
+    sync()
+    first_step = time.perf_counter() - t0
     for _ in range(warmup):
         train_step()
     sync()
@@ -84,11 +90,12 @@ def time_training(model_name, task_name, batch_size, device, compile_model, warm
         sync()
         per_step.append((time.perf_counter() - t0) / steps)
     ms = 1000 * statistics.median(per_step)
+    compile_seconds = max(0.0, first_step - ms / 1000) if compile_model else 0.0
     return {"model": model_name, "task": task_name, "setting": task.bench_setting, "batch": batch_size,
             "config": values, "params": sum(p.numel() for p in model.parameters()),
             "device": device, "compile": compile_model, "threads": torch.get_num_threads(),
             "ms_per_step": round(ms, 2), "ms_per_seq": round(ms / batch_size, 3),
-            "seq_per_s": round(1000 * batch_size / ms, 1)}
+            "seq_per_s": round(1000 * batch_size / ms, 1), "compile_seconds": round(compile_seconds, 1)}
 
 
 def main():
@@ -97,7 +104,8 @@ def main():
     parser.add_argument("--tasks", default="copy", help="comma-separated")
     parser.add_argument("--batch_sizes", default="1,16,32", help="comma-separated")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (the step of recurrent ones)")
+    parser.add_argument("--modes", default="eager,compiled",
+                        help="eager, compiled (torch.compile of the model, or of the step of recurrent ones) or both")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--runs", type=int, default=5, help="timed runs; the median is reported")
@@ -113,20 +121,27 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     device = autodetect_device(args.device)
-    print(f"{'model':<22} {'task':<20} {'batch':>5} {'ms/step':>9} {'ms/seq':>8} {'seq/s':>8}")
+    modes = args.modes.split(",")
+    if not modes or any(m not in ("eager", "compiled") for m in modes):
+        parser.error(f"--modes takes eager, compiled or eager,compiled, got {args.modes!r}")
+    header = "".join(f" {m + ' ms/step':>19} {m + ' seq/s':>17}" for m in modes)
+    print(f"{'model':<22} {'task':<20} {'batch':>5}{header}" + (f" {'speed-up':>9} {'compile s':>10}"
+                                                               if modes == ["eager", "compiled"] else ""))
     for task_name in tasks:
         for model_name in models:
             if TASKS[task_name][1].kind not in MODELS[model_name][2]:  # e.g. ntm on algo_copy
                 continue
             for batch_size in map(int, args.batch_sizes.split(",")):
-                row = time_training(model_name, task_name, batch_size, device, args.compile,
-                                    args.warmup, args.runs, args.steps, parse_settings(args.set),
-                                    args.data_dir or None)
-                print(f"{model_name:<22} {task_name:<20} {batch_size:>5} {row['ms_per_step']:>9.2f} "
-                      f"{row['ms_per_seq']:>8.3f} {row['seq_per_s']:>8.1f}", flush=True)
+                rows = [time_training(model_name, task_name, batch_size, device, mode == "compiled",
+                                      args.warmup, args.runs, args.steps, parse_settings(args.set),
+                                      args.data_dir or None) for mode in modes]
+                cells = "".join(f" {r['ms_per_step']:>19.2f} {r['seq_per_s']:>17.1f}" for r in rows)
+                if len(rows) == 2:
+                    cells += f" {rows[0]['ms_per_step'] / rows[1]['ms_per_step']:>8.2f}x {rows[1]['compile_seconds']:>10.1f}"
+                print(f"{model_name:<22} {task_name:<20} {batch_size:>5}{cells}", flush=True)
                 if args.json:
                     with open(args.json, "a") as f:
-                        f.write(json.dumps(row) + "\n")
+                        f.write("".join(json.dumps(r) + "\n" for r in rows))
 
 
 if __name__ == "__main__":

@@ -503,18 +503,30 @@ def download(url, path, digest, algorithm="sha256"):
     md5, as the dataset publishes it) matches. Written whole or not at all: a failed or corrupt
     download leaves nothing at path."""
     if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        folder = os.path.abspath(os.path.dirname(path) or ".")
+        created = []  # the folders made for this download, removed again if it fails
+        while not os.path.exists(folder):
+            created.append(folder)
+            folder = os.path.dirname(folder)
         tmp = f"{path}.part"
-        try:
-            urllib.request.urlretrieve(url, tmp)
-        except OSError as e:
+
+        def clean_up():
             if os.path.exists(tmp):
                 os.remove(tmp)
+            for made in created:  # innermost first; only folders this call made, and only if empty
+                if os.path.isdir(made) and not os.listdir(made):
+                    os.rmdir(made)
+
+        try:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            urllib.request.urlretrieve(url, tmp)
+        except OSError as e:
+            clean_up()
             raise DataError(f"could not download {url} ({e}): fetch it by hand into {os.path.dirname(path)} "
                             "or pass --data_dir to a verified copy")
         found = file_digest(tmp, algorithm)
         if found != digest:
-            os.remove(tmp)
+            clean_up()
             raise DataError(f"{url} has {algorithm} {found}, expected {digest} (wrong {algorithm}): the download "
                             "is corrupt or changed; try again, or pass --data_dir to a verified copy")
         os.replace(tmp, path)

@@ -27,7 +27,8 @@ import struct
 import sys
 import time
 import zlib
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from collections import namedtuple
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -43,17 +44,20 @@ from slot_attention import SlotAttention, SlotAttentionConfig
 from universal_transformer import TransformerConfig, UniversalTransformer, UTConfig
 from brims import BRIMs, BRIMsConfig
 
-# name -> (config class, model class, task kinds it fits). Adding a model is one row here.
+# name -> (config class, model class, task kinds it fits, compile on the CPU). Adding a model is one row here.
+# The last column: torch.compile is the default on CUDA for every model and on the CPU for those whose compiled
+# training step bench.py measured faster there (python bench.py --modes eager,compiled; README, Speed).
+ModelEntry = namedtuple("ModelEntry", "config model kinds cpu_compile")
 MODELS = {
-    "ntm": (NTMConfig, NTM, ("sequence",)),
-    "lstm": (LSTMConfig, LSTM, ("sequence", "autoregressive", "transform", "seq2seq")),
-    "act": (ACTConfig, ACT, ("sequence",)),
-    "universal_transformer": (UTConfig, UniversalTransformer, ("story", "seq2seq")),
-    "transformer": (TransformerConfig, UniversalTransformer, ("story", "seq2seq")),  # universal=False
-    "slot_attention": (SlotAttentionConfig, SlotAttention, ("image",)),
-    "rims": (RIMsConfig, RIMs, ("sequence",)),
-    "nps": (NPSConfig, NPS, ("autoregressive", "transform")),
-    "brims": (BRIMsConfig, BRIMs, ("sequence",)),
+    "ntm": ModelEntry(NTMConfig, NTM, ("sequence",), True),
+    "lstm": ModelEntry(LSTMConfig, LSTM, ("sequence", "autoregressive", "transform", "seq2seq"), False),
+    "act": ModelEntry(ACTConfig, ACT, ("sequence",), False),
+    "universal_transformer": ModelEntry(UTConfig, UniversalTransformer, ("story", "seq2seq"), False),
+    "transformer": ModelEntry(TransformerConfig, UniversalTransformer, ("story", "seq2seq"), False),  # universal=False
+    "slot_attention": ModelEntry(SlotAttentionConfig, SlotAttention, ("image",), False),
+    "rims": ModelEntry(RIMsConfig, RIMs, ("sequence",), True),
+    "nps": ModelEntry(NPSConfig, NPS, ("autoregressive", "transform"), False),
+    "brims": ModelEntry(BRIMsConfig, BRIMs, ("sequence",), True),
 }
 
 # Model fields that model_config_for takes from task.spec (never flags): the data decides them
@@ -149,7 +153,7 @@ class TrainConfig:
     data_dir: str = ""  # where real datasets are cached or read offline
     eval_interval: int = 500  # evaluate and checkpoint every this many steps
     log_interval: int = 10  # write the training loss to log.jsonl every this many steps
-    compile: bool = None  # torch.compile; default on for cuda, off elsewhere
+    compile: bool = None  # torch.compile; default: on for CUDA, on the CPU where MODELS marks it faster, off on MPS
     figures: bool = True  # draw PNG figures after the final evaluation
     resume: bool = False  # continue from <out_dir>/ckpt.pt
     eval_only: bool = False  # evaluate <out_dir>/ckpt.pt and exit
@@ -233,7 +237,7 @@ def model_config_for(model_name, task, values):
     """The model's config, sized for the task: every SIZED_BY_TASK entry of task.spec the config has."""
     names = {f.name for f in fields(MODELS[model_name][0])}
     if task.spec.get("input_vocab") and "input_vocab" not in names:
-        fitting = [m for m, (cfg, _, _) in MODELS.items() if "input_vocab" in {f.name for f in fields(cfg)}]
+        fitting = [m for m, (cfg, *_) in MODELS.items() if "input_vocab" in {f.name for f in fields(cfg)}]
         raise UserError(f"--model {model_name} cannot embed this task's integer inputs (input_vocab "
                         f"{task.spec['input_vocab']}): use {', '.join(fitting)}")
     sizes = {k: task.spec[k] for k in SIZED_BY_TASK if k in task.spec and k in names}
@@ -352,6 +356,19 @@ def atomic_write(path, data):
     os.replace(tmp, path)
 
 
+def check_out_dir(out_dir):
+    """Refuse, before any work, an --out_dir that is a file, lies under a file or cannot be written."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out_dir {out_dir} is a file, not a folder: pass a folder path")
+    existing = os.path.abspath(out_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"--out_dir {out_dir} lies under the file {existing}: pass a folder path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--out_dir {out_dir} cannot be written ({existing} is not writable): pass another folder")
+
+
 def load_checkpoint(path, model_name, task_name):
     if not os.path.exists(path):
         raise UserError(f"no checkpoint at {path}: train first (without --resume/--eval_only) or pass the right --out_dir")
@@ -391,11 +408,30 @@ def autocast_for(device_type):
 
 def compile_for_training(model):
     """Recurrent models loop over time in Python: compile their one-step function, not the
-    unrolled loop. Returns the module to train (parameters and state dict stay the model's)."""
+    unrolled loop. Returns the module to train (parameters and state dict stay the model's).
+    The model itself stays eager for evaluation (see eager_step), which runs other batch shapes."""
     if hasattr(model, "step"):
         model.step = torch.compile(model.step)
         return model
     return torch.compile(model)
+
+
+def undo_compile(model):
+    """The eager model back, after compile_for_training."""
+    model.__dict__.pop("step", None)
+    return getattr(model, "_orig_mod", model)
+
+
+@contextmanager
+def eager_step(model):
+    """Run a recurrent model with its own step while the training loop holds a compiled one: a
+    compiled step would recompile (tens of seconds on a CPU) for each new evaluation batch shape."""
+    compiled = model.__dict__.pop("step", None)
+    try:
+        yield model
+    finally:
+        if compiled is not None:
+            model.step = compiled
 
 
 def to_device(batch, device):
@@ -425,18 +461,19 @@ def evaluate(model, task, eval_data, device, autocast):
     """Mean of the task's metrics over each evaluation setting -> {'<metric>@<setting>': value}."""
     model.eval()
     results = {}
-    for setting, batches in eval_data.items():
-        totals = {}
-        for batch in batches:
-            batch = to_device(batch, device)
-            with autocast:
-                logits, internals = model(batch["x"], **model_inputs(task, batch, model))
-            for key, value in task.metrics(logits, batch, internals).items():
-                totals[key] = totals.get(key, 0) + value
-        count = totals.pop("count")
-        name = getattr(task, "metric_key", lambda metric, setting: f"{metric}@{setting}")
-        finish = getattr(task, "finish_metrics", lambda totals, count: {k: v / count for k, v in totals.items()})
-        results.update({name(key, setting): value for key, value in finish(totals, count).items()})
+    with eager_step(model):
+        for setting, batches in eval_data.items():
+            totals = {}
+            for batch in batches:
+                batch = to_device(batch, device)
+                with autocast:
+                    logits, internals = model(batch["x"], **model_inputs(task, batch, model))
+                for key, value in task.metrics(logits, batch, internals).items():
+                    totals[key] = totals.get(key, 0) + value
+            count = totals.pop("count")
+            name = getattr(task, "metric_key", lambda metric, setting: f"{metric}@{setting}")
+            finish = getattr(task, "finish_metrics", lambda totals, count: {k: v / count for k, v in totals.items()})
+            results.update({name(key, setting): value for key, value in finish(totals, count).items()})
     if hasattr(task, "summary"):  # metrics over every setting, e.g. bAbI's mean error
         results.update(task.summary(results))
     model.train()
@@ -448,29 +485,32 @@ def draw_figures(model, task, eval_data, out_dir, device, autocast):
     and slots, Slot Attention Fig. 2), and for sequence tasks the model's internals over time for
     one sequence (NTM Fig. 6) where it has any."""
     model.eval()
-    for setting, batches in eval_data.items():
-        batch = to_device(batches[0], device)
-        with torch.no_grad(), autocast:
-            logits, internals = model(batch["x"], return_internals=True, **model_inputs(task, batch, model))
-        internals = {k: v.cpu() for k, v in internals.items()}
-        panels = task.figure_panels(logits.cpu(), to_device(batch, "cpu"), internals)
-        if panels:
-            draw_panels(os.path.join(out_dir, f"outputs_{setting}.png"), panels)
-        if internals and task.spec["kind"] == "sequence" and batch["x"].shape[1] > 1:  # internals over time
-            inputs = [("input", batch["x"][0].float().cpu().T)]
-            outputs = [("output", torch.sigmoid(logits[0].float()).cpu().T)]
-            draw_panels(os.path.join(out_dir, f"internals_{setting}.png"), inputs + internal_panels(internals) + outputs)
+    with eager_step(model):
+        for setting, batches in eval_data.items():
+            batch = to_device(batches[0], device)
+            with torch.no_grad(), autocast:
+                logits, internals = model(batch["x"], return_internals=True, **model_inputs(task, batch, model))
+            internals = {k: v.cpu() for k, v in internals.items()}
+            panels = task.figure_panels(logits.cpu(), to_device(batch, "cpu"), internals)
+            if panels:
+                draw_panels(os.path.join(out_dir, f"outputs_{setting}.png"), panels)
+            if internals and task.spec["kind"] == "sequence" and batch["x"].shape[1] > 1:  # internals over time
+                inputs = [("input", batch["x"][0].float().cpu().T)]
+                outputs = [("output", torch.sigmoid(logits[0].float()).cpu().T)]
+                draw_panels(os.path.join(out_dir, f"internals_{setting}.png"),
+                            inputs + internal_panels(internals) + outputs)
     model.train()
 
 
 def main(argv=None):
     model_name, task_name, flags = parse_args(sys.argv[1:] if argv is None else argv)
-    model_cls_cfg, model_cls, kinds = MODELS[model_name]
+    model_cls_cfg, model_cls, kinds, cpu_compile = MODELS[model_name]
     task_cls_cfg, task_cls = TASKS[task_name]
     preset = PRESETS.get((model_name, task_name), {})
     train_values = {**split_flags(preset, TrainConfig), **split_flags(flags, TrainConfig)}
     cfg = build_config(TrainConfig, train_values, "training")
     out_dir = cfg.out_dir or os.path.join("out", f"{model_name}_{task_name}")
+    check_out_dir(out_dir)
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
 
     # distributed data parallel under torchrun, as nanoGPT does
@@ -497,7 +537,7 @@ def main(argv=None):
     except ValueError as e:
         raise UserError(f"bad task setting: {e}")
     if task.spec["kind"] not in kinds:
-        fitting = [m for m, (_, _, k) in MODELS.items() if task.spec["kind"] in k]
+        fitting = [m for m, (_, _, k, _) in MODELS.items() if task.spec["kind"] in k]
         raise UserError(f"--model {model_name} does not fit --task {task_name} ({task.spec['kind']} data): "
                         f"use one of {', '.join(fitting)}")
     if ckpt:
@@ -539,7 +579,7 @@ def main(argv=None):
     def evaluation(at_iter, train_seconds, settings=None):
         data = {s: eval_data[s] for s in (settings or eval_data)}
         return {**evaluate(raw_model, task, data, device, autocast), "iter": at_iter,
-                "seconds": round(train_seconds, 1)}
+                "seconds": round(train_seconds, 1), "compile_seconds": round(compile_seconds, 1)}
 
     def final_evaluation():
         """Every setting, on the selected checkpoint where the task selects one."""
@@ -558,7 +598,8 @@ def main(argv=None):
     if cfg.eval_only:
         metrics = None
         if master:
-            iter_num, seconds = ckpt["iter"], ckpt["seconds"]  # seconds: the training time, as after training
+            # seconds: the training time, as after training
+            iter_num, seconds, compile_seconds = ckpt["iter"], ckpt["seconds"], ckpt.get("compile_seconds", 0.0)
             metrics = final_evaluation()
             write_results(metrics)
             print(json.dumps(metrics))
@@ -566,17 +607,25 @@ def main(argv=None):
 
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     data_gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
-    iter_num, seconds = 0, 0.0
+    iter_num, seconds, compile_seconds = 0, 0.0, 0.0
     if ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
-        iter_num, seconds = ckpt["iter"], ckpt["seconds"]
+        iter_num, seconds, compile_seconds = ckpt["iter"], ckpt["seconds"], ckpt.get("compile_seconds", 0.0)
         data_gen.set_state(ckpt["rng"]["data"][rank] if rank < len(ckpt["rng"]["data"]) else ckpt["rng"]["data"][0])
         torch.set_rng_state(ckpt["rng"]["torch"])
 
-    if cfg.compile if cfg.compile is not None else device_type == "cuda":
-        model = compile_for_training(model)
-    if ddp:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device_type == "cuda" else None)
+    # torch.compile: on CUDA always, on the CPU where MODELS says it is faster, never on MPS (eager fp32)
+    compiling = cfg.compile if cfg.compile is not None else (
+        device_type == "cuda" or (device_type == "cpu" and cpu_compile))
+
+    def training_module(compiled):
+        trained = compile_for_training(raw_model) if compiled else raw_model
+        if ddp:
+            trained = torch.nn.parallel.DistributedDataParallel(
+                trained, device_ids=[device] if device_type == "cuda" else None)
+        return trained
+
+    model = training_module(compiling)
 
     if master:
         os.makedirs(out_dir, exist_ok=True)
@@ -600,11 +649,25 @@ def main(argv=None):
                 "model_name": model_name, "task_name": task_name, "model": raw_model.state_dict(),
                 "optimizer": optimizer.state_dict(), "model_config": asdict(model_cfg),
                 "task_config": asdict(task_cfg), "train_config": asdict(cfg), "iter": iter_num,
-                "seconds": seconds, "rng": {"data": rng_data, "torch": torch.get_rng_state()},
+                "seconds": seconds, "compile_seconds": compile_seconds,
+                "rng": {"data": rng_data, "torch": torch.get_rng_state()},
                 "best": best if selection else None}, buffer)
             atomic_write(ckpt_path, buffer.getvalue())
 
-    metrics = {}
+    def forward_backward(batch):
+        with autocast:
+            logits, internals = model(batch["x"], **model_inputs(task, batch, raw_model))
+        loss = task.loss(logits, batch)
+        if hasattr(raw_model, "ponder_loss"):  # ACT: + tau * ponder cost, with its gradient
+            loss = loss + raw_model.ponder_loss(internals)
+        if not torch.isfinite(loss):
+            last = f"the last good checkpoint is kept in {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was written"
+            raise UserError(f"loss became {loss.item()} at step {iter_num + 1}; {last}: lower --lr or --grad_clip")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return loss
+
+    metrics, compiled_once = {}, False
     bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=not master, dynamic_ncols=True,
                desc=f"{model_name} {task_name}")
     t_last, seqs_since = time.time(), 0
@@ -622,21 +685,31 @@ def main(argv=None):
             for group in optimizer.param_groups:
                 group["lr"] = lr
         batch = to_device(task.train_batch(cfg.batch_size, data_gen), device)
-        with autocast:
-            logits, internals = model(batch["x"], **model_inputs(task, batch, raw_model))
-        loss = task.loss(logits, batch)
-        if hasattr(raw_model, "ponder_loss"):  # ACT: + tau * ponder cost, with its gradient
-            loss = loss + raw_model.ponder_loss(internals)
-        if not torch.isfinite(loss):
-            last = f"the last good checkpoint is kept in {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was written"
-            raise UserError(f"loss became {loss.item()} at step {iter_num + 1}; {last}: lower --lr or --grad_clip")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        first_compiled = compiling and not compiled_once
+        if first_compiled:  # this step compiles; if compiling fails, training goes on eager
+            compiled_once = True
+            try:
+                loss = forward_backward(batch)
+            except UserError:
+                raise
+            except Exception as e:
+                if master:
+                    reason = (str(e).strip().splitlines() or [""])[0][:200]
+                    bar.write(f"warning: torch.compile failed ({type(e).__name__}: {reason}); training goes on "
+                              "in eager mode (--no-compile skips compiling)", file=sys.stderr)
+                undo_compile(raw_model)
+                compiling, model = False, training_module(False)
+                loss = forward_backward(batch)
+        else:
+            loss = forward_backward(batch)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         iter_num += 1
-        seconds += time.time() - t0
+        if first_compiled:  # reported as compile_seconds, not as training time
+            compile_seconds += time.time() - t0
+        else:
+            seconds += time.time() - t0
         seqs_since += cfg.batch_size * world
         if master and iter_num % cfg.log_interval == 0:
             loss_value = loss.item()
@@ -660,8 +733,10 @@ def main(argv=None):
         if selection or not metrics:  # select, or nothing left to train (--resume at max_iters)
             metrics = final_evaluation()
         write_results(metrics)
-        scores = ", ".join(f"{k} {v:.3g}" for k, v in metrics.items() if k not in ("iter", "seconds"))
-        print(f"{model_name} on {task_name}: {scores} after {iter_num} steps in {seconds:.0f} s of training.\n"
+        scores = ", ".join(f"{k} {v:.3g}" for k, v in metrics.items() if k not in ("iter", "seconds", "compile_seconds"))
+        compiled_note = f" (+ {compile_seconds:.0f} s compiling)" if compile_seconds else ""
+        print(f"{model_name} on {task_name}: {scores} after {iter_num} steps in {seconds:.0f} s of training"
+              f"{compiled_note}.\n"
               f"Files in {out_dir}: {', '.join(sorted(os.listdir(out_dir)))}")
     if ddp:  # leave together: no rank tears down the group while rank 0 is still writing
         torch.distributed.barrier()
