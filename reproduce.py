@@ -1,0 +1,524 @@
+"""
+Every result in the README, one command away: named recipes run over seeds, written to results/.
+
+    python reproduce.py --list                        # every recipe: its claim, seeds, CPU minutes per seed
+    python reproduce.py ntm_copy                      # run what is missing, write results/ntm_copy.json, print its row
+    python reproduce.py rims_seqmnist --data_root DIR --jobs 2      # DIR/mnist, DIR/babi: the datasets' folders
+    python reproduce.py ntm_copy --seeds 0 --threads 2              # one seed, two torch threads
+    python reproduce.py --table                       # rewrite the README's results table from results/*.json
+
+A recipe is a claim of a paper (its table or figure) and the train.py settings that test it: model,
+task, flags, seeds (3 unless the recipe says why), the paper's number to print beside ours, the
+metrics that make up its row and the targets every seed must meet for the claim to count as
+reproduced. A grid recipe (e.g. the ACT time-penalty sweep) runs each of its points with every seed.
+
+Each run is `python train.py ... --seed S --out_dir out/reproduce/<recipe>[/<point>]/s<S>` in its own
+process with OMP_NUM_THREADS=--threads (default 1: at most two runs on a 2-core machine, each on one
+core). A run whose metrics.json exists is finished and not run again; one with a checkpoint but no
+metrics.json was interrupted and continues with --resume. results/<recipe>.json holds the recipe, the
+exact command of its first run, each run's final metrics and wall time, the mean and standard error
+over seeds of every numeric metric, and the torch version, machine and git commit they came from.
+--table renders the README's table between its marker comments (and each docs page's per-seed tables
+between `<!-- runs:NAME -->` markers) from those files alone, so no number there is typed by hand.
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclass
+class Recipe:
+    claim: str  # one line, with the paper's table or figure
+    model: str
+    task: str
+    flags: dict = field(default_factory=dict)  # train.py flags beyond the preset: {"max_iters": 2000, "act": False}
+    seeds: tuple = (0, 1, 2)
+    paper: str = ""  # the paper's number(s), printed beside ours
+    metrics: tuple = ()  # the metric keys that make up the row
+    targets: tuple = ()  # (metric, "<" or ">", value): every seed must meet every one for "yes"
+    points: dict = None  # a grid: point name -> flags added to (and overriding) flags; "model" may change
+    target_points: tuple = ()  # the points the targets bind (default: all); the others are baselines
+    data: str = ""  # the dataset folder under --data_root this recipe reads (babi, mnist), if any
+    doc: str = ""  # the docs page that discusses it
+    note: str = ""  # why fewer seeds, what the row is (baseline, old protocol)
+
+
+# The recipes. Each row of the README's results table is one of these.
+RECIPES = {
+    # ---- Neural Turing Machine (Graves et al. 2014)
+    "ntm_copy": Recipe(
+        "NTM copies sequences longer than any it was trained on (lengths 1-20; NTM section 4.1, Figs. 3-6)",
+        "ntm", "copy", paper="'very few mistakes' up to 50, a few more at 120 (Fig. 4)",
+        metrics=("bit_err@20", "bit_err@30", "bit_err@50", "bit_err@120"),
+        targets=(("bit_err@20", "<", 0.1), ("bit_err@30", "<", 0.25), ("bit_err@50", "<", 1.0)), doc="docs/ntm.md"),
+    "lstm_copy": Recipe(
+        "the LSTM baseline fails beyond its training lengths on copy (NTM Fig. 5)", "lstm", "copy",
+        paper="learns 20 almost perfectly, 'clearly fails' beyond (Fig. 5)",
+        metrics=("bit_err@10", "bit_err@20", "bit_err@50"), targets=(("bit_err@50", ">", 20.0),),
+        doc="docs/ntm.md", note="baseline: reproduced means it fails beyond 20 (a coin flip per bit: 200 at 50)"),
+    "ntm_associative_recall": Recipe(
+        "NTM associative recall generalises to longer item lists (2-6 items in training; NTM section 4.3, Fig. 12)",
+        "ntm", "associative_recall", paper="generalises to 12-15 items (Fig. 12)",
+        metrics=("bit_err@6", "bit_err@10", "bit_err@15", "bit_err@20"),
+        targets=(("bit_err@10", "<", 1.0), ("bit_err@15", "<", 1.0)), doc="docs/ntm.md"),
+    "ntm_repeat_copy": Recipe(
+        "NTM repeat copy generalises to longer sequences and more repeats (NTM section 4.2, Fig. 9)",
+        "ntm", "repeat_copy", paper="copies 10x20 and 20x10 (Fig. 9)",
+        metrics=("bit_err@10x10", "bit_err@10x20", "bit_err@20x10"),
+        targets=(("bit_err@10x10", "<", 1.0), ("bit_err@10x20", "<", 10.0)), doc="docs/ntm.md"),
+    # ---- Adaptive Computation Time (Graves 2016)
+    "act_parity16_tau_sweep": Recipe(
+        "ACT solves parity for every time penalty tau <= 1e-2, the plain RNN does not (ACT Fig. 4; 16-element "
+        "vectors, 10,000 steps: CPU scale)", "act", "parity", flags=dict(input_size=16, max_iters=10000),
+        points={"tau=1e-1": dict(time_penalty=0.1), "tau=1e-2": dict(time_penalty=0.01),
+                "tau=1e-3": dict(time_penalty=0.001), "tau=1e-4": dict(time_penalty=0.0001), "rnn": dict(act=False)},
+        paper="under 5 % error for every tau <= 3e-2 (64 elements); the RNN fails",
+        metrics=("err@16", "ponder@16"), targets=(("err@16", "<", 6.0),),
+        target_points=("tau=1e-2", "tau=1e-3", "tau=1e-4"), doc="docs/act.md",
+        note="the targets bind tau <= 1e-2; the paper has tau = 1e-1 and the RNN fail"),
+    "act_parity64": Recipe(
+        "ACT solves 64-element parity (ACT section 3.1, Fig. 4, the paper's setting)", "act", "parity",
+        paper="under 5 % for tau <= 3e-2; Fojo et al.: 2 % after 55k steps at tau 1e-3",
+        metrics=("err@64", "ponder@64"), targets=(("err@64", "<", 5.0),), doc="docs/act.md"),
+    "act_addition": Recipe(
+        "ACT learns multi-number addition (ACT section 3.3, Fig. 12)", "act", "addition",
+        paper="'perfectly solved' for every tau", metrics=("seq_err@5x5", "ponder@5x5"),
+        targets=(("seq_err@5x5", "<", 5.0),), doc="docs/act.md"),
+    "lstm_addition": Recipe(
+        "the LSTM without ACT on addition (ACT Fig. 12's baseline)", "lstm", "addition",
+        paper="its best tau-free error is far above ACT's", metrics=("seq_err@5x5",), doc="docs/act.md",
+        note="baseline"),
+    # ---- Universal Transformer (Dehghani et al. 2018)
+    "ut_babi_qa1": Recipe(
+        "the UT with halting solves bAbI task 1 (en-10k) in minutes on a CPU (UT Table 1)",
+        "universal_transformer", "babi", paper="0.0 % on task 1; mean 0.21 % over 20 tasks",
+        metrics=("err@qa1", "ponder@qa1"), targets=(("err@qa1", "<", 1.0),), data="babi",
+        doc="docs/universal_transformer.md"),
+    "ut_babi10k_tasks": Recipe(
+        "UT (halting, 8 steps) against the Transformer on bAbI en-10k single tasks (UT Table 1), 2,000 steps",
+        "universal_transformer", "babi", flags=dict(split="en-10k", max_iters=2000, eval_interval=1000, decay_lr=True),
+        points={f"{name}/qa{t}": dict(tasks=(t,), **extra) for t in (1, 2, 6, 16, 17, 19)
+                for name, extra in (("ut_act", {}), ("ut", dict(act=False)), ("transformer", dict(model="transformer")))},
+        seeds=(0,), paper="UT+ACT 0.21 % (0 failed), UT 0.23 %, Transformer 15.2 % (10 failed), over 20 tasks",
+        metrics=("mean_err",), targets=(("mean_err", "<", 5.0),), data="babi", doc="docs/universal_transformer.md",
+        note="one seed per cell: 18 runs"),
+    "ut_babi1k_tasks": Recipe(
+        "UT against the Transformer on bAbI en (1K) single tasks (UT Table 1), 2,000 steps",
+        "universal_transformer", "babi", flags=dict(split="en", max_iters=2000, eval_interval=1000, decay_lr=True),
+        points={f"{name}/qa{t}": dict(tasks=(t,), **extra) for t in (1, 2, 3, 6, 16, 17, 19)
+                for name, extra in (("ut_act", {}), ("ut", dict(act=False)), ("transformer", dict(model="transformer")))},
+        seeds=(0,), paper="UT+ACT 4.55 % (3 failed), UT 5.31 % (5), Transformer 21.8 % (5), over 20 tasks",
+        metrics=("mean_err",), targets=(("mean_err", "<", 5.0),), data="babi", doc="docs/universal_transformer.md",
+        note="one seed per cell: 21 runs"),
+    "ut_babi1k_joint": Recipe(
+        "one UT trained on all 20 bAbI en tasks at once (UT Table 1, joint)", "universal_transformer", "babi",
+        flags=dict(split="en", tasks=tuple(range(1, 21)), max_iters=1500, eval_interval=1500, decay_lr=True),
+        seeds=(0,), paper="7.78 % mean error, 5 of 20 failed", metrics=("mean_err", "failed"),
+        targets=(("mean_err", "<", 10.0),), data="babi", doc="docs/universal_transformer.md",
+        note="one seed: 10 minutes of CPU"),
+    **{f"ut_{task}": Recipe(
+        f"the UT generalises from length 40 to 400 on {task[5:]} better than the Transformer (UT paper, "
+        "algorithmic tasks)", "universal_transformer", f"algo_{task[5:]}",
+        points={"ut_act": {}, "ut": dict(act=False), "transformer": dict(model="transformer"), "lstm": dict(model="lstm")},
+        seeds=(0,), paper=paper, metrics=("char_acc@40", "char_acc@400", "seq_acc@400"),
+        targets=(("char_acc@400", ">", target),), target_points=("ut_act", "ut"), doc="docs/universal_transformer.md",
+        note="one seed per model; the targets bind the two UTs") for task, paper, target in (
+            ("algo_copy", "char_acc@400 UT .91, Transformer .53", 0.85),
+            ("algo_reverse", "char_acc@400 UT .96, Transformer .13", 0.9),
+            ("algo_addition", "char_acc@400 UT .34, Transformer .07", 0.3))},
+    # ---- Slot Attention (Locatello et al. 2020)
+    "slot_attention_sprites": Recipe(
+        "slots bind objects without labels (Slot Attention section 4.1, Table 1, Fig. 2; our 32 x 32 sprites)",
+        "slot_attention", "sprites", paper="FG-ARI 91.3 on Multi-dSprites (a fixed 3 x 2 grid of masks: 47.7 here)",
+        metrics=("fg_ari@test", "mse@test"), targets=(("fg_ari@test", ">", 60.0),), doc="docs/slot_attention.md"),
+    "slot_attention_sets": Recipe(
+        "slots predict the set of objects (Slot Attention section 4.2, Table 2; our sprites)", "slot_attention",
+        "sprites_sets", seeds=(0,), paper="AP@inf 94.3, AP@1 86.7 (CLEVR10)",
+        metrics=("ap@inf@test", "ap@1@test"), targets=(("ap@inf@test", ">", 50.0),), doc="docs/slot_attention.md",
+        note="one seed"),
+    # ---- Recurrent Independent Mechanisms (Goyal et al. 2019)
+    "rims_copy_delay": Recipe(
+        "RIMs trained on copying with delay 50 still copy at delay 200 (RIMs Table 1)", "rims", "copy_delay",
+        paper="CE 0.00 at 50 and at 200", metrics=("acc@50", "acc@200", "ce@200"),
+        targets=(("acc@200", ">", 99.0),), doc="docs/rims.md"),
+    "lstm_copy_delay": Recipe(
+        "the LSTM trained at delay 50 degrades at 200 (RIMs Table 1's baseline)", "lstm", "copy_delay",
+        paper="CE 0.00 at 50, 4.32 at 200", metrics=("acc@50", "acc@200", "ce@200"),
+        targets=(("acc@50", ">", 99.0), ("acc@200", "<", 90.0)), doc="docs/rims.md", note="baseline"),
+    "rims_seqmnist": Recipe(
+        "RIMs trained on 14 x 14 sequential MNIST keep their accuracy at 16, 19, 24 (RIMs Table 1)",
+        "rims", "seqmnist", paper="acc 90.0 / 73.4 / 38.1 at 16 / 19 / 24",
+        metrics=("acc@14", "acc@16", "acc@19", "acc@24"), targets=(("acc@19", ">", 60.0),), data="mnist",
+        doc="docs/rims.md"),
+    "lstm_seqmnist": Recipe(
+        "the LSTM on the same sequential MNIST protocol (RIMs Table 1's baseline)", "lstm", "seqmnist",
+        paper="acc 86.8 / 42.3 / 25.2 at 16 / 19 / 24", metrics=("acc@14", "acc@16", "acc@19", "acc@24"),
+        data="mnist", doc="docs/rims.md", note="baseline"),
+    # ---- BRIMs (Mittal et al. 2020)
+    "brims_seqmnist": Recipe(
+        "BRIMs keep more accuracy than RIMs at 19 and 24 on sequential MNIST (BRIMs Table 1)", "brims", "seqmnist",
+        paper="acc 88.6 / 74.2 / 51.4 at 16 / 19 / 24", metrics=("acc@14", "acc@16", "acc@19", "acc@24"),
+        targets=(("acc@19", ">", 60.0),), data="mnist", doc="docs/brims.md"),
+    # ---- Neural Production Systems (Goyal, Didolkar et al. 2021)
+    "nps_arithmetic": Recipe(
+        "NPS gives each operation a rule of its own and extrapolates to longer sequences (NPS, official synthetic task)",
+        "nps", "arithmetic", paper="mse@20 5e-4, mse@50 1.8e-3 (official code)",
+        metrics=("mse@20", "mse@50", "rule_purity@20"),
+        targets=(("rule_purity@20", ">", 0.99), ("mse@20", "<", 6e-4)), doc="docs/nps.md"),
+    "lstm_arithmetic": Recipe(
+        "the LSTM on the same arithmetic sequences (NPS's baseline)", "lstm", "arithmetic",
+        paper="", metrics=("mse@20", "mse@50"), doc="docs/nps.md", note="baseline"),
+    "nps_mnist_transform": Recipe(
+        "NPS rules each take one MNIST transformation (NPS, official MNIST task)", "nps", "mnist_transform",
+        paper="rules separate the transformations after a few epochs", metrics=("bce@test", "rule_purity@test"),
+        targets=(("rule_purity@test", ">", 0.9),), data="mnist", doc="docs/nps.md"),
+    "lstm_mnist_transform": Recipe(
+        "the LSTM on the same MNIST transformations (NPS's baseline)", "lstm", "mnist_transform",
+        metrics=("bce@test",), data="mnist", doc="docs/nps.md", note="baseline"),
+}
+
+
+class HarnessError(Exception):
+    """A mistake in what was asked for: one line, exit status 2."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Commands, runs, results
+
+def flag_args(flags):
+    """{'max_iters': 10, 'act': False, 'tasks': (1, 2)} -> ['--max_iters', '10', '--no-act', '--tasks', '1,2']."""
+    args = []
+    for name, value in flags.items():
+        if value is True:
+            args.append(f"--{name}")
+        elif value is False:
+            args.append(f"--no-{name}")
+        elif isinstance(value, (tuple, list)):
+            args += [f"--{name}", ",".join(map(str, value))]
+        else:
+            args += [f"--{name}", str(value)]
+    return args
+
+
+def runs_of(name, recipe, seeds, out_root, data_root):
+    """[(point or None, seed, run_dir, argv of train.py)] for every point and seed of the recipe."""
+    runs = []
+    for point, extra in (recipe.points or {None: {}}).items():
+        flags = {**recipe.flags, **extra}
+        model = flags.pop("model", recipe.model)
+        for seed in seeds:
+            run_dir = os.path.join(out_root, name, *([point] if point else []), f"s{seed}")
+            argv = ["--model", model, "--task", recipe.task, *flag_args(flags), "--seed", str(seed), "--out_dir", run_dir]
+            if recipe.data and data_root:
+                argv += ["--data_dir", os.path.join(data_root, recipe.data)]
+            runs.append((point, seed, run_dir, argv))
+    return runs
+
+
+def run_one(run_dir, argv, threads):
+    """Train (or resume) one run in its own process; returns its wall seconds (0 if it was finished)."""
+    if os.path.exists(os.path.join(run_dir, "metrics.json")):
+        return None
+    resume = os.path.exists(os.path.join(run_dir, "ckpt.pt"))
+    command = [sys.executable, os.path.join(ROOT, "train.py"), *argv, *(["--resume"] if resume else [])]
+    os.makedirs(run_dir, exist_ok=True)
+    log_path = os.path.join(run_dir, "train.log")
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_MININTERVAL": "30"}
+    sys.stdout.write(f"{'resume' if resume else 'run'}: python train.py {shlex.join(argv)}\n")  # one write: jobs share stdout
+    sys.stdout.flush()
+    t0 = time.time()
+    with open(log_path, "a") as log:
+        proc = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    wall = time.time() - t0
+    if proc.returncode != 0:
+        with open(log_path) as f:
+            tail = [line for line in f.read().splitlines() if line.strip()][-1:]
+        raise HarnessError(f"python train.py {shlex.join(argv)} failed (exit {proc.returncode}): "
+                           f"{tail[0] if tail else ''} (log: {log_path})")
+    wall_path = os.path.join(run_dir, "wall_seconds.json")  # summed over interruptions
+    before = json.load(open(wall_path))["wall_seconds"] if os.path.exists(wall_path) else 0.0
+    with open(wall_path, "w") as f:
+        json.dump({"wall_seconds": round(before + wall, 1), "threads": threads}, f)
+    return wall
+
+
+def mean_and_stderr(values):
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return mean, math.sqrt(var / len(values))
+
+
+def summarise(records):
+    """Mean and standard error over the records of every numeric metric they all have."""
+    keys = [k for k, v in records[0]["metrics"].items()
+            if isinstance(v, (int, float)) and all(k in r["metrics"] for r in records)]
+    stats = {k: mean_and_stderr([r["metrics"][k] for r in records]) for k in keys}
+    stats["wall_seconds"] = mean_and_stderr([r["wall_seconds"] for r in records])
+    return ({k: round(m, 6) for k, (m, _) in stats.items()}, {k: round(s, 6) for k, (_, s) in stats.items()})
+
+
+def machine(threads, jobs):
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import torch
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads_per_run": threads, "parallel_runs": jobs, "gpu": gpu,
+            "platform": platform.platform()}
+
+
+def git_commit():
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "*.py"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return None
+    return commit + ("-dirty" if dirty else "") if commit else None
+
+
+def reproduce(name, seeds=None, jobs=1, threads=1, out_root="out/reproduce", results_dir="results", data_root=""):
+    """Run what is missing of one recipe, then write results/<name>.json; returns that object."""
+    recipe = RECIPES[name]
+    seeds = tuple(seeds if seeds is not None else recipe.seeds)
+    runs = runs_of(name, recipe, seeds, out_root, data_root)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for future in [pool.submit(run_one, run_dir, argv, threads) for _, _, run_dir, argv in runs]:
+            future.result()
+    records = []
+    for point, seed, run_dir, argv in runs:
+        with open(os.path.join(run_dir, "metrics.json")) as f:
+            metrics = json.load(f)
+        wall_path = os.path.join(run_dir, "wall_seconds.json")
+        wall = json.load(open(wall_path))["wall_seconds"] if os.path.exists(wall_path) else None
+        records.append({**({"point": point} if point else {}), "seed": seed, "metrics": metrics,
+                        "wall_seconds": wall if wall is not None else metrics.get("seconds", 0)})
+    import torch
+    result = {"recipe": {"name": name, **asdict(recipe), "seeds": list(seeds)},
+              "command": "python train.py " + shlex.join(runs[0][3]), "runs": records}
+    if recipe.points:
+        groups = {p: [r for r in records if r["point"] == p] for p in recipe.points}
+        summaries = {p: summarise(rs) for p, rs in groups.items()}
+        result["mean"] = {p: s[0] for p, s in summaries.items()}
+        result["stderr"] = {p: s[1] for p, s in summaries.items()}
+    else:
+        result["mean"], result["stderr"] = summarise(records)
+    result.update(torch=torch.__version__, machine=machine(threads, jobs), commit=git_commit(),
+                  date=time.strftime("%Y-%m-%d"))
+    os.makedirs(results_dir, exist_ok=True)
+    path = os.path.join(results_dir, f"{name}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Rows and tables, from the results files alone
+
+def fmt(value):
+    if value == 0:
+        return "0"
+    if abs(value) < 0.01 or abs(value) >= 1e5:
+        return f"{value:.2g}" if abs(value) < 0.01 else f"{value:.3g}"
+    return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+
+
+def meets(metrics, targets):
+    return [(metrics[k] < v if op == "<" else metrics[k] > v) for k, op, v in targets if k in metrics]
+
+
+def verdict(recipe, result):
+    """yes: every run meets every target; partly: some do; no: none; blank: a baseline without targets."""
+    targets = [tuple(t) for t in recipe["targets"]]
+    if not targets:
+        return "baseline"
+    bound = recipe.get("target_points") or ()
+    runs = [r for r in result["runs"] if not bound or r.get("point") in bound]
+    checks = [meets(r["metrics"], targets) for r in runs]
+    if all(c and all(c) for c in checks):
+        return "yes"
+    return "partly" if any(any(c) for c in checks) else "no"
+
+
+def ours(recipe, result):
+    """'key mean ± s.e.' for the row's metrics; for a grid, one entry per point."""
+    n = len(result["recipe"]["seeds"])
+
+    def cell(mean, err, keys):
+        return ", ".join(f"{k} {fmt(mean[k])}" + (f" ± {fmt(err[k])}" if n > 1 else "") for k in keys if k in mean)
+
+    if recipe.get("points"):
+        return "; ".join(f"{p}: {cell(result['mean'][p], result['stderr'][p], recipe['metrics'][:1])}"
+                         for p in recipe["points"])
+    return cell(result["mean"], result["stderr"], recipe["metrics"]) + (f" ({n} seeds)" if n > 1 else " (1 seed)")
+
+
+def cpu_minutes(result):
+    walls = [r["wall_seconds"] for r in result["runs"]]
+    return sum(walls) / len(walls) / 60
+
+
+def load_results(results_dir):
+    found = {}
+    for name in RECIPES:
+        path = os.path.join(results_dir, f"{name}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                found[name] = json.load(f)
+    return found
+
+
+def table(results_dir="results"):
+    """The README's results table: a row per recipe, measured ones from their results file."""
+    results = load_results(results_dir)
+    lines = ["| claim | paper | ours (mean ± s.e. over seeds) | reproduced | recipe | CPU min per run |",
+             "|---|---|---|---|---|---|"]
+    for name, recipe in RECIPES.items():
+        if name in results:
+            result = results[name]
+            rec = result["recipe"]
+            lines.append(f"| {rec['claim']} | {rec['paper']} | {ours(rec, result)} | {verdict(rec, result)} "
+                         f"| `{name}` | {cpu_minutes(result):.1f} |")
+        else:
+            lines.append(f"| {recipe.claim} | {recipe.paper} | not yet run by the harness | | `{name}` | |")
+    return "\n".join(lines)
+
+
+def runs_table(result):
+    """Per-seed (and per-point) table of a recipe's row metrics, for its docs page."""
+    rec = result["recipe"]
+    keys = list(rec["metrics"]) + [k for k in ("iter",) if k not in rec["metrics"]]
+    grid = bool(rec.get("points"))
+    head = (["point"] if grid else []) + ["seed"] + keys + ["wall s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in result["runs"]:
+        cells = ([r["point"]] if grid else []) + [str(r["seed"])]
+        cells += [fmt(r["metrics"][k]) if k in r["metrics"] else "" for k in keys] + [f"{r['wall_seconds']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append(f"\n`{result['command']}` (and the other seeds{' and points' if grid else ''}); torch "
+                 f"{result['torch']}, {result['machine']['cpu']}, {result['machine']['threads_per_run']} thread(s) "
+                 f"per run, {result['machine']['parallel_runs']} run(s) at a time, commit {str(result['commit'])[:12]}, "
+                 f"{result['date']}.")
+    return "\n".join(lines)
+
+
+def replace_between(text, begin, end, body):
+    a, b = text.index(begin) + len(begin), text.index(end)
+    return text[:a] + "\n" + body + "\n" + text[b:]
+
+
+def speed_table(bench_path):
+    """The README's speed table, from bench.py's JSON lines: eager and compiled side by side."""
+    rows = {}
+    with open(bench_path) as f:
+        for line in f:
+            r = json.loads(line)
+            rows.setdefault((r["model"], r["task"], r["batch"]), {})["compiled" if r["compile"] else "eager"] = r
+    lines = ["| model | task | batch | eager ms/step | compiled ms/step | speed-up | eager seq/s | compiled seq/s "
+             "| compile s | threads |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (model, task, batch), modes in rows.items():
+        e, c = modes.get("eager"), modes.get("compiled")
+        speed = f"{e['ms_per_step'] / c['ms_per_step']:.2f}x" if e and c else ""
+        lines.append(f"| {model} | {task} | {batch} | {e['ms_per_step'] if e else ''} | {c['ms_per_step'] if c else ''} "
+                     f"| {speed} | {e['seq_per_s'] if e else ''} | {c['seq_per_s'] if c else ''} "
+                     f"| {c['compile_seconds'] if c else ''} | {(e or c)['threads']} |")
+    return "\n".join(lines)
+
+
+def write_tables(readme="README.md", results_dir="results", docs_dir="docs"):
+    """Rewrite the generated blocks: the README's results (and speed) table, the docs' per-run tables."""
+    with open(readme) as f:
+        text = f.read()
+    if "<!-- results:begin -->" not in text or "<!-- results:end -->" not in text:
+        raise HarnessError(f"{readme} has no <!-- results:begin --> / <!-- results:end --> markers")
+    new = replace_between(text, "<!-- results:begin -->", "<!-- results:end -->", table(results_dir))
+    bench = os.path.join(results_dir, "bench.jsonl")
+    if "<!-- speed:begin -->" in new and os.path.exists(bench):
+        new = replace_between(new, "<!-- speed:begin -->", "<!-- speed:end -->", speed_table(bench))
+    if new != text:
+        with open(readme, "w") as f:
+            f.write(new)
+    results = load_results(results_dir)
+    for page in sorted(os.listdir(docs_dir)) if os.path.isdir(docs_dir) else []:
+        if not page.endswith(".md"):
+            continue
+        path = os.path.join(docs_dir, page)
+        with open(path) as f:
+            text = f.read()
+        new = text
+        for name, result in results.items():
+            begin, end = f"<!-- runs:{name} -->", f"<!-- /runs:{name} -->"
+            if begin in new and end in new:
+                new = replace_between(new, begin, end, runs_table(result))
+        if new != text:
+            with open(path, "w") as f:
+                f.write(new)
+
+
+def list_recipes(results_dir="results"):
+    results = load_results(results_dir)
+    for name, recipe in RECIPES.items():
+        runs = len(recipe.points or {None: 0}) * len(recipe.seeds)
+        minutes = f"{cpu_minutes(results[name]):.1f} CPU min per run (measured)" if name in results else "not run yet"
+        print(f"{name:<26} {recipe.model} on {recipe.task}, {runs} run{'s' if runs > 1 else ''}, {minutes}\n"
+              f"{'':<26} {recipe.claim}" + (f" [{recipe.note}]" if recipe.note else ""))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", help="recipes to run (python reproduce.py --list)")
+    parser.add_argument("--list", action="store_true", help="print every recipe with its claim and CPU minutes")
+    parser.add_argument("--table", action="store_true", help="rewrite the README's results table from results/")
+    parser.add_argument("--seeds", default="", help="comma-separated, instead of the recipe's")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run")
+    parser.add_argument("--data_root", default="", help="a folder holding babi/ and mnist/ (default: train.py's cache)")
+    parser.add_argument("--out_root", default="out/reproduce", help="where the runs write")
+    parser.add_argument("--results_dir", default="results")
+    parser.add_argument("--readme", default="README.md")
+    parser.add_argument("--docs_dir", default="docs")
+    args = parser.parse_args(argv)
+    try:
+        if args.list:
+            list_recipes(args.results_dir)
+            return
+        unknown = [n for n in args.names if n not in RECIPES]
+        if unknown:
+            raise HarnessError(f"unknown recipe {', '.join(unknown)}: python reproduce.py --list shows them")
+        if not args.names and not args.table:
+            raise HarnessError("name a recipe, or pass --list or --table")
+        if args.jobs < 1 or args.threads < 1:
+            raise HarnessError("--jobs and --threads must be at least 1")
+        try:
+            seeds = [int(s) for s in args.seeds.split(",") if s] or None
+        except ValueError:
+            raise HarnessError(f"--seeds takes comma-separated integers, e.g. 0,1,2; got {args.seeds!r}")
+        for name in args.names:
+            result = reproduce(name, seeds, args.jobs, args.threads, args.out_root, args.results_dir, args.data_root)
+            rec = result["recipe"]
+            print(f"| {rec['claim']} | {rec['paper']} | {ours(rec, result)} | {verdict(rec, result)} | `{name}` "
+                  f"| {cpu_minutes(result):.1f} |")
+        if args.table:
+            write_tables(args.readme, args.results_dir, args.docs_dir)
+    except HarnessError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
