@@ -49,6 +49,7 @@ class Recipe:
     targets: tuple = ()  # (metric, "<" or ">", value): every seed must meet every one for "yes"
     points: dict = None  # a grid: point name -> flags added to (and overriding) flags; "model" may change
     target_points: tuple = ()  # the points the targets bind (default: all); the others are baselines
+    figure: tuple = ()  # a grid: metrics drawn as bars per point (mean, +- s.e.) in results/<name>.png
     data: str = ""  # the dataset folder under --data_root this recipe reads (babi, mnist), if any
     doc: str = ""  # the docs page that discusses it
     note: str = ""  # why fewer seeds, what the row is (baseline, old protocol)
@@ -85,7 +86,7 @@ RECIPES = {
                 "tau=1e-3": dict(time_penalty=0.001), "tau=1e-4": dict(time_penalty=0.0001), "rnn": dict(act=False)},
         paper="under 5 % error for every tau <= 3e-2 (64 elements); the RNN fails",
         metrics=("err@16", "ponder@16"), targets=(("err@16", "<", 6.0),),
-        target_points=("tau=1e-2", "tau=1e-3", "tau=1e-4"), doc="docs/act.md",
+        target_points=("tau=1e-2", "tau=1e-3", "tau=1e-4"), figure=("err@16", "ponder@16"), doc="docs/act.md",
         note="the targets bind tau <= 1e-2; the paper has tau = 1e-1 and the RNN fail"),
     "act_parity64": Recipe(
         "ACT solves 64-element parity (ACT section 3.1, Fig. 4, the paper's setting)", "act", "parity",
@@ -320,11 +321,54 @@ def reproduce(name, seeds=None, jobs=1, threads=1, out_root="out/reproduce", res
     result.update(torch=torch.__version__, machine=machine(threads, jobs), commit=git_commit(),
                   date=time.strftime("%Y-%m-%d"))
     os.makedirs(results_dir, exist_ok=True)
+    if recipe.points and recipe.figure:
+        draw_bars(os.path.join(results_dir, f"{name}.png"), result, recipe.figure)
     path = os.path.join(results_dir, f"{name}.json")
     with open(path + ".tmp", "w") as f:
         json.dump(result, f, indent=1)
     os.replace(path + ".tmp", path)
     return result
+
+
+def bar_panel(title, labels, stats, height=120, bar=34, gap=16):
+    """One bar chart as a uint8 image: a bar per (mean, stderr) with a whisker of +-stderr,
+    the value above it and its label below. The y axis starts at 0."""
+    import torch
+    from train import text_image
+    top = max(m + s for m, s in stats) or 1.0
+    width = gap + len(stats) * (bar + gap)
+    plot = torch.full((height, width, 3), 255, dtype=torch.uint8)
+    plot[-1, :] = 0  # x axis
+    scale = (height - 4) / top
+    for i, (m, s) in enumerate(stats):
+        x0 = gap + i * (bar + gap)
+        h = max(1, round(m * scale))
+        plot[height - h:, x0:x0 + bar] = torch.tensor([70, 110, 190], dtype=torch.uint8)
+        lo, hi = round((m - s) * scale), round((m + s) * scale)
+        mid = x0 + bar // 2
+        plot[max(0, height - 1 - hi):height - lo, mid] = 0  # whisker
+        for y in (lo, hi):
+            plot[max(0, min(height - 1, height - 1 - y)), mid - 4:mid + 5] = 0
+    values = torch.cat([text_image(f"{m:.3g}", width=bar + gap) for m, _ in stats], dim=1)
+    names = torch.cat([text_image(label, width=bar + gap) for label in labels], dim=1)
+
+    def pad(img):  # shift right by half a gap so each text sits under its bar, then fill to width
+        grey = lambda w: torch.full((img.shape[0], w, 3), 96, dtype=torch.uint8)
+        return torch.cat([grey(gap // 2), img, grey(width)], dim=1)[:, :width]
+
+    return torch.cat([text_image(title, width=width), pad(values), plot, pad(names)], dim=0)
+
+
+def draw_bars(path, result, metrics):
+    """A grid recipe's figure: for each metric, a bar per point (mean over seeds, +- standard error)."""
+    import torch
+    from train import write_png
+    points = list(result["mean"])
+    labels = [p.split("=")[-1] for p in points]
+    panels = [bar_panel(metric, labels, [(result["mean"][p][metric], result["stderr"][p][metric]) for p in points])
+              for metric in metrics]
+    gap = torch.full((panels[0].shape[0], 8, 3), 96, dtype=torch.uint8)  # the panels share one height
+    write_png(path, torch.cat([x for panel in panels for x in (panel, gap)][:-1], dim=1))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -46,7 +46,9 @@ from brims import BRIMs, BRIMsConfig
 
 # name -> (config class, model class, task kinds it fits, compile on the CPU). Adding a model is one row here.
 # The last column: torch.compile is the default on CUDA for every model and on the CPU for those whose compiled
-# training step bench.py measured faster there (python bench.py --modes eager,compiled; README, Speed).
+# training step bench.py measured faster there (python bench.py --modes eager,compiled; README, Speed). ACT is
+# off: its number of steps varies with pondering, so training recompiles (1,000 steps of 16-element parity:
+# 14 s eager, 57 s compiled); NPS is slower compiled; the LSTM is one fused nn.LSTM call.
 ModelEntry = namedtuple("ModelEntry", "config model kinds cpu_compile")
 MODELS = {
     "ntm": ModelEntry(NTMConfig, NTM, ("sequence",), True),
@@ -54,7 +56,7 @@ MODELS = {
     "act": ModelEntry(ACTConfig, ACT, ("sequence",), False),
     "universal_transformer": ModelEntry(UTConfig, UniversalTransformer, ("story", "seq2seq"), False),
     "transformer": ModelEntry(TransformerConfig, UniversalTransformer, ("story", "seq2seq"), False),  # universal=False
-    "slot_attention": ModelEntry(SlotAttentionConfig, SlotAttention, ("image",), False),
+    "slot_attention": ModelEntry(SlotAttentionConfig, SlotAttention, ("image",), True),
     "rims": ModelEntry(RIMsConfig, RIMs, ("sequence",), True),
     "nps": ModelEntry(NPSConfig, NPS, ("autoregressive", "transform"), False),
     "brims": ModelEntry(BRIMsConfig, BRIMs, ("sequence",), True),

@@ -327,25 +327,3 @@ def test_act_py_runs_alone_in_an_empty_folder(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "torch.Size([2, 5, 1])" in result.stdout
 
-
-def test_the_tau_sweep_runs_every_setting_and_seed_and_summarises_them(tmp_path):
-    """experiments/act_tau_sweep.py (paper Fig. 4): one run per (tau or plain RNN, seed), a table of
-    mean error and ponder per setting, a bar chart; finished runs are not run again."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = tmp_path / "sweep"
-    command = [sys.executable, os.path.join(root, "experiments", "act_tau_sweep.py"), "--taus", "1e-1,1e-3",
-               "--seeds", "0,1", "--input_size", "6", "--max_iters", "3", "--out_dir", str(out),
-               "--hidden_size", "8", "--eval_samples", "64", "--batch_size", "8"]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr
-    results = json.loads((out / "results.json").read_text())
-    assert {(r["setting"], r["seed"]) for r in results["runs"]} == {
-        (s, seed) for s in ("tau=0.1", "tau=0.001", "rnn") for seed in (0, 1)}
-    assert all(r["ponder"] == 2.0 for r in results["runs"] if r["setting"] == "rnn")  # N = 1, R = 1
-    assert json.loads((out / "tau=0.1_s0" / "metrics.json").read_text())["iter"] == 3
-    table = (out / "results.md").read_text()
-    assert "| tau=0.1 |" in table and "| rnn |" in table
-    assert (out / "tau_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    again = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert again.returncode == 0 and "== " not in again.stdout  # nothing was run again

@@ -140,6 +140,28 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, flags, messag
     assert not os.path.exists(out)
 
 
+def test_an_out_dir_that_is_a_file_or_lies_under_one_is_refused_before_any_work(tmp_path, monkeypatch):
+    def not_built(*args, **kwargs):
+        raise AssertionError("the task was built: work started before --out_dir was checked")
+
+    monkeypatch.setitem(train.TASKS, "copy", (train.TASKS["copy"][0], not_built))  # a download, say
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("keep me")
+    for out, message in ((a_file, "is a file, not a folder"), (a_file / "run", "lies under the file")):
+        with pytest.raises(UserError, match=message):
+            main(["--out_dir", str(out)])
+    assert a_file.read_text() == "keep me"
+
+
+def test_the_command_line_refuses_an_out_dir_that_is_a_file_with_one_line(tmp_path):
+    a_file = tmp_path / "passwd"
+    a_file.write_text("root")
+    proc = subprocess.run([sys.executable, "train.py", "--out_dir", str(a_file)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --out_dir") and proc.stderr.count("\n") == 1
+    assert a_file.read_text() == "root"
+
+
 def test_an_unavailable_device_is_refused(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")

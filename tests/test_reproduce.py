@@ -1,0 +1,149 @@
+"""reproduce.py: recipes run over seeds, finished runs skipped, interrupted ones resumed, results files
+with every field the README's table is rendered from, and a table rewrite that is idempotent."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import reproduce
+from reproduce import Recipe
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(max_iters=4, eval_interval=2, log_interval=1, controller_size=8, memory_size=8, memory_width=4,
+            max_len=3, eval_lengths=(2, 4), eval_samples=8, batch_size=2, compile=False, figures=False)
+
+
+@pytest.fixture
+def tiny(monkeypatch, tmp_path):
+    recipe = Recipe("NTM copies (tiny)", "ntm", "copy", flags=dict(TINY), seeds=(0, 1), paper="few mistakes",
+                    metrics=("bit_err@2", "bit_err@4"), targets=(("bit_err@2", "<", 1000.0),))
+    monkeypatch.setattr(reproduce, "RECIPES", {"tiny": recipe})
+    return dict(out_root=str(tmp_path / "out"), results_dir=str(tmp_path / "results"))
+
+
+def test_a_recipe_runs_every_seed_and_writes_the_results_file(tiny, tmp_path):
+    result = reproduce.reproduce("tiny", **tiny)
+    saved = json.loads((tmp_path / "results" / "tiny.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    for key in ("recipe", "command", "runs", "mean", "stderr", "torch", "machine", "commit"):
+        assert key in saved
+    assert saved["recipe"]["name"] == "tiny" and saved["recipe"]["seeds"] == [0, 1]
+    assert saved["command"].startswith("python train.py --model ntm --task copy --max_iters 4")
+    assert "--seed 0" in saved["command"] and "--no-compile" in saved["command"]
+    assert [r["seed"] for r in saved["runs"]] == [0, 1]
+    metrics = [r["metrics"] for r in saved["runs"]]
+    for r in saved["runs"]:  # each run's metrics are its metrics.json, as train.py wrote it
+        on_disk = json.loads((tmp_path / "out" / "tiny" / f"s{r['seed']}" / "metrics.json").read_text())
+        assert r["metrics"] == on_disk and r["wall_seconds"] > 0
+    values = [m["bit_err@4"] for m in metrics]
+    mean = sum(values) / 2
+    assert saved["mean"]["bit_err@4"] == pytest.approx(mean, abs=1e-6)
+    assert saved["stderr"]["bit_err@4"] == pytest.approx(abs(values[0] - values[1]) / 2, abs=1e-6)  # s / sqrt(2)
+    assert saved["torch"] == torch.__version__ and saved["machine"]["threads_per_run"] == 1
+
+
+def test_a_finished_seed_is_not_run_again_and_an_interrupted_one_resumes(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "out" / "tiny"
+    # seed 1 is interrupted after 2 of its 4 steps: a checkpoint, no metrics.json
+    subprocess.run([sys.executable, "train.py", *reproduce.runs_of("tiny", reproduce.RECIPES["tiny"], (1,),
+                                                                       str(tmp_path / "out"), "")[0][3][:-2],
+                    "--max_iters", "2", "--out_dir", str(out / "s1")],
+                   cwd=ROOT, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    os.remove(out / "s1" / "metrics.json")
+    assert torch.load(out / "s1" / "ckpt.pt", weights_only=True)["iter"] == 2
+    reproduce.reproduce("tiny", **tiny)
+    log = [json.loads(line) for line in (out / "s1" / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in log if "loss" in r] == [1, 2, 3, 4]  # continued at step 3, nothing repeated
+    assert torch.load(out / "s1" / "ckpt.pt", weights_only=True)["iter"] == 4
+    stamps = {s: os.path.getmtime(out / s / "metrics.json") for s in ("s0", "s1")}
+    started = []
+    real_run = subprocess.run
+
+    def no_training(command, *args, **kwargs):  # git may still be asked for the commit
+        if any("train.py" in str(part) for part in command):
+            started.append(command)
+        return real_run(command, *args, **kwargs)
+
+    monkeypatch.setattr(reproduce.subprocess, "run", no_training)
+    reproduce.reproduce("tiny", **tiny)  # both finished: nothing runs, the results file is rewritten
+    assert started == [] and stamps == {s: os.path.getmtime(out / s / "metrics.json") for s in ("s0", "s1")}
+
+
+def test_a_grid_recipe_runs_each_point_with_each_seed(monkeypatch, tmp_path):
+    shared = dict(max_iters=2, eval_interval=2, max_len=3, eval_lengths=(2, 4), eval_samples=8, batch_size=2,
+                  compile=False, figures=False)
+    recipe = Recipe("grid", "ntm", "copy", flags=shared, seeds=(0,),
+                    points={"small": dict(controller_size=8, memory_size=6, memory_width=4),
+                            "lstm": dict(model="lstm", hidden_size=4)},
+                    metrics=("bit_err@2",), targets=(("bit_err@2", "<", 0.0),), target_points=("small",),
+                    figure=("bit_err@2", "bit_err@4"))
+    monkeypatch.setattr(reproduce, "RECIPES", {"grid": recipe})
+    result = reproduce.reproduce("grid", out_root=str(tmp_path / "out"), results_dir=str(tmp_path / "r"))
+    assert [(r["point"], r["seed"]) for r in result["runs"]] == [("small", 0), ("lstm", 0)]
+    assert set(result["mean"]) == {"small", "lstm"}
+    ckpt = torch.load(tmp_path / "out" / "grid" / "lstm" / "s0" / "ckpt.pt", weights_only=True)
+    assert ckpt["model_name"] == "lstm"
+    assert reproduce.verdict(result["recipe"], result) == "no"  # the target binds the 'small' point only
+    png = (tmp_path / "r" / "grid.png").read_bytes()  # the bars of each figure metric per point (ACT Fig. 4)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_verdicts_follow_the_targets_over_every_seed():
+    recipe = {"targets": [["acc", ">", 90]], "points": None}
+    runs = lambda *accs: {"runs": [{"metrics": {"acc": a}} for a in accs]}
+    assert reproduce.verdict(recipe, runs(95, 99)) == "yes"
+    assert reproduce.verdict(recipe, runs(95, 50)) == "partly"
+    assert reproduce.verdict(recipe, runs(10, 50)) == "no"
+    assert reproduce.verdict({"targets": [], "points": None}, runs(10)) == "baseline"
+
+
+def test_the_table_is_rendered_from_results_files_and_rewriting_it_changes_nothing(tiny, tmp_path):
+    reproduce.reproduce("tiny", **tiny)
+    readme, docs = tmp_path / "README.md", tmp_path / "docs"
+    readme.write_text("# x\n\n<!-- results:begin -->\nold\n<!-- results:end -->\n\nafter\n")
+    docs.mkdir()
+    (docs / "ntm.md").write_text("runs:\n<!-- runs:tiny -->\n<!-- /runs:tiny -->\n")
+    reproduce.write_tables(str(readme), tiny["results_dir"], str(docs))
+    first, page = readme.read_text(), (docs / "ntm.md").read_text()
+    assert "old" not in first and first.endswith("<!-- results:end -->\n\nafter\n")
+    result = json.loads((tmp_path / "results" / "tiny.json").read_text())
+    row = next(line for line in first.splitlines() if "`tiny`" in line)
+    assert reproduce.fmt(result["mean"]["bit_err@2"]) in row and "| yes |" in row and "(2 seeds)" in row
+    assert "| 0 |" in page and "| 1 |" in page and result["command"] in page  # per-seed rows and the command
+    reproduce.write_tables(str(readme), tiny["results_dir"], str(docs))
+    assert readme.read_text() == first and (docs / "ntm.md").read_text() == page
+
+
+def test_a_recipe_without_results_gets_a_row_that_says_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(reproduce, "RECIPES", {"later": Recipe("later claim", "ntm", "copy")})
+    assert "| later claim |  | not yet run by the harness |" in reproduce.table(str(tmp_path))
+
+
+def test_every_shipped_recipe_names_a_model_task_and_flags_train_py_accepts():
+    import train
+    for name, recipe in reproduce.RECIPES.items():
+        for point, seed, run_dir, argv in reproduce.runs_of(name, recipe, recipe.seeds, "out", "data"):
+            model_name, task_name, flags = train.parse_args(argv)  # raises UserError on an unknown flag
+            assert task_name == recipe.task and model_name in train.MODELS
+        assert recipe.metrics and recipe.claim and (recipe.targets or "baseline" in recipe.note)
+        assert len(recipe.seeds) == 3 or recipe.note, f"{name}: fewer than 3 seeds needs a reason"
+
+
+def test_bad_requests_are_one_line_errors(capsys):
+    for argv, message in ((["nope"], "unknown recipe nope"), (["ntm_copy", "--seeds", "a"], "--seeds takes"),
+                          ([], "name a recipe")):
+        with pytest.raises(SystemExit) as exit_info:
+            reproduce.main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and err.count("\n") == 1
+
+
+def test_list_prints_every_recipe_with_its_claim(capsys):
+    reproduce.main(["--list"])
+    out = capsys.readouterr().out
+    for name, recipe in reproduce.RECIPES.items():
+        assert name in out and recipe.claim in out
