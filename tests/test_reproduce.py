@@ -3,6 +3,7 @@ with every field the README's table is rendered from, and a table rewrite that i
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -17,18 +18,34 @@ TINY = dict(max_iters=4, eval_interval=2, log_interval=1, controller_size=8, mem
             max_len=3, eval_lengths=(2, 4), eval_samples=8, batch_size=2, compile=False, figures=False)
 
 
+RECIPE = Recipe("NTM copies (tiny)", "ntm", "copy", flags=dict(TINY), seeds=(0, 1), paper="few mistakes",
+                metrics=("bit_err@2", "bit_err@4"), targets=(("bit_err@2", "<", 1000.0),))
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """The tiny recipe run once (two seeds, side by side) for the tests that only read its results."""
+    root = tmp_path_factory.mktemp("finished")
+    saved = reproduce.RECIPES
+    reproduce.RECIPES = {"tiny": RECIPE}
+    try:
+        reproduce.reproduce("tiny", jobs=2, out_root=str(root / "out"), results_dir=str(root / "results"))
+    finally:
+        reproduce.RECIPES = saved
+    return root
+
+
 @pytest.fixture
-def tiny(monkeypatch, tmp_path):
-    recipe = Recipe("NTM copies (tiny)", "ntm", "copy", flags=dict(TINY), seeds=(0, 1), paper="few mistakes",
-                    metrics=("bit_err@2", "bit_err@4"), targets=(("bit_err@2", "<", 1000.0),))
-    monkeypatch.setattr(reproduce, "RECIPES", {"tiny": recipe})
+def tiny(monkeypatch, tmp_path, finished):
+    """A copy of the finished runs and results in tmp_path, with the tiny recipe as the only one."""
+    monkeypatch.setattr(reproduce, "RECIPES", {"tiny": RECIPE})
+    shutil.copytree(finished / "out", tmp_path / "out")
+    shutil.copytree(finished / "results", tmp_path / "results")
     return dict(out_root=str(tmp_path / "out"), results_dir=str(tmp_path / "results"))
 
 
 def test_a_recipe_runs_every_seed_and_writes_the_results_file(tiny, tmp_path):
-    result = reproduce.reproduce("tiny", **tiny)
     saved = json.loads((tmp_path / "results" / "tiny.json").read_text())
-    assert saved == json.loads(json.dumps(result))
     for key in ("recipe", "command", "runs", "mean", "stderr", "torch", "machine", "commit"):
         assert key in saved
     assert saved["recipe"]["name"] == "tiny" and saved["recipe"]["seeds"] == [0, 1]
@@ -44,11 +61,12 @@ def test_a_recipe_runs_every_seed_and_writes_the_results_file(tiny, tmp_path):
     assert saved["mean"]["bit_err@4"] == pytest.approx(mean, abs=1e-6)
     assert saved["stderr"]["bit_err@4"] == pytest.approx(abs(values[0] - values[1]) / 2, abs=1e-6)  # s / sqrt(2)
     assert saved["torch"] == torch.__version__ and saved["machine"]["threads_per_run"] == 1
+    assert saved["machine"]["parallel_runs"] == 2 and saved["machine"]["cores"] == os.cpu_count()
 
 
 def test_a_finished_seed_is_not_run_again_and_an_interrupted_one_resumes(tiny, tmp_path, monkeypatch):
     out = tmp_path / "out" / "tiny"
-    # seed 1 is interrupted after 2 of its 4 steps: a checkpoint, no metrics.json
+    shutil.rmtree(out / "s1")  # seed 0 finished; seed 1 is interrupted after 2 of its 4 steps: a checkpoint, no metrics
     subprocess.run([sys.executable, "train.py", *reproduce.runs_of("tiny", reproduce.RECIPES["tiny"], (1,),
                                                                        str(tmp_path / "out"), "")[0][3][:-2],
                     "--max_iters", "2", "--out_dir", str(out / "s1")],
@@ -82,7 +100,7 @@ def test_a_grid_recipe_runs_each_point_with_each_seed(monkeypatch, tmp_path):
                     metrics=("bit_err@2",), targets=(("bit_err@2", "<", 0.0),), target_points=("small",),
                     figure=("bit_err@2", "bit_err@4"))
     monkeypatch.setattr(reproduce, "RECIPES", {"grid": recipe})
-    result = reproduce.reproduce("grid", out_root=str(tmp_path / "out"), results_dir=str(tmp_path / "r"))
+    result = reproduce.reproduce("grid", jobs=2, out_root=str(tmp_path / "out"), results_dir=str(tmp_path / "r"))
     assert [(r["point"], r["seed"]) for r in result["runs"]] == [("small", 0), ("lstm", 0)]
     assert set(result["mean"]) == {"small", "lstm"}
     ckpt = torch.load(tmp_path / "out" / "grid" / "lstm" / "s0" / "ckpt.pt", weights_only=True)
@@ -102,7 +120,6 @@ def test_verdicts_follow_the_targets_over_every_seed():
 
 
 def test_the_table_is_rendered_from_results_files_and_rewriting_it_changes_nothing(tiny, tmp_path):
-    reproduce.reproduce("tiny", **tiny)
     readme, docs = tmp_path / "README.md", tmp_path / "docs"
     readme.write_text("# x\n\n<!-- results:begin -->\nold\n<!-- results:end -->\n\nafter\n")
     docs.mkdir()
