@@ -238,7 +238,7 @@ def run_one(run_dir, argv, threads):
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_MININTERVAL": "30"}
     sys.stdout.write(f"{'resume' if resume else 'run'}: python train.py {shlex.join(argv)}\n")  # one write: jobs share stdout
     sys.stdout.flush()
-    t0 = time.time()
+    commit, t0 = git_commit(), time.time()
     with open(log_path, "a") as log:
         proc = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     wall = time.time() - t0
@@ -250,7 +250,8 @@ def run_one(run_dir, argv, threads):
     wall_path = os.path.join(run_dir, "wall_seconds.json")  # summed over interruptions
     before = json.load(open(wall_path))["wall_seconds"] if os.path.exists(wall_path) else 0.0
     with open(wall_path, "w") as f:
-        json.dump({"wall_seconds": round(before + wall, 1), "threads": threads}, f)
+        json.dump({"wall_seconds": round(before + wall, 1), "threads": threads, "commit": commit,
+                   "load_average": round(os.getloadavg()[0], 1)}, f)
     return wall
 
 
@@ -304,10 +305,11 @@ def reproduce(name, seeds=None, jobs=1, threads=1, out_root="out/reproduce", res
     for point, seed, run_dir, argv in runs:
         with open(os.path.join(run_dir, "metrics.json")) as f:
             metrics = json.load(f)
-        wall_path = os.path.join(run_dir, "wall_seconds.json")
-        wall = json.load(open(wall_path))["wall_seconds"] if os.path.exists(wall_path) else None
+        wall_path = os.path.join(run_dir, "wall_seconds.json")  # written by run_one; absent for runs made by hand
+        harness = json.load(open(wall_path)) if os.path.exists(wall_path) else {}
         records.append({**({"point": point} if point else {}), "seed": seed, "metrics": metrics,
-                        "wall_seconds": wall if wall is not None else metrics.get("seconds", 0)})
+                        "wall_seconds": harness.get("wall_seconds", metrics.get("seconds", 0)),
+                        **{k: harness[k] for k in ("commit", "load_average") if k in harness}})
     import torch
     result = {"recipe": {"name": name, **asdict(recipe), "seeds": list(seeds)},
               "command": "python train.py " + shlex.join(runs[0][3]), "runs": records}
@@ -374,12 +376,13 @@ def draw_bars(path, result, metrics):
 # ----------------------------------------------------------------------------------------------
 # Rows and tables, from the results files alone
 
-def fmt(value):
+def fmt(value, digits=3):
+    """A number to `digits` significant digits (2e-04 style below 0.01), whole numbers from 100 up."""
     if value == 0:
         return "0"
-    if abs(value) < 0.01 or abs(value) >= 1e5:
-        return f"{value:.2g}" if abs(value) < 0.01 else f"{value:.3g}"
-    return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    if abs(value) < 0.01:
+        return f"{value:.{min(digits, 2)}g}"
+    return f"{value:.{digits}g}" if abs(value) < 100 else f"{value:.0f}"
 
 
 def meets(metrics, targets):
@@ -387,7 +390,8 @@ def meets(metrics, targets):
 
 
 def verdict(recipe, result):
-    """yes: every run meets every target; partly: some do; no: none; blank: a baseline without targets."""
+    """yes: every run meets every target; partly: some runs meet every target; no: none does; baseline:
+    a comparison model without targets."""
     targets = [tuple(t) for t in recipe["targets"]]
     if not targets:
         return "baseline"
@@ -396,7 +400,7 @@ def verdict(recipe, result):
     checks = [meets(r["metrics"], targets) for r in runs]
     if all(c and all(c) for c in checks):
         return "yes"
-    return "partly" if any(any(c) for c in checks) else "no"
+    return "partly" if any(c and all(c) for c in checks) else "no"
 
 
 def ours(recipe, result):
@@ -404,7 +408,7 @@ def ours(recipe, result):
     n = len(result["recipe"]["seeds"])
 
     def cell(mean, err, keys):
-        return ", ".join(f"{k} {fmt(mean[k])}" + (f" ± {fmt(err[k])}" if n > 1 else "") for k in keys if k in mean)
+        return ", ".join(f"{k} {fmt(mean[k])}" + (f" ± {fmt(err[k], 2)}" if n > 1 else "") for k in keys if k in mean)
 
     if recipe.get("points"):
         return "; ".join(f"{p}: {cell(result['mean'][p], result['stderr'][p], recipe['metrics'][:1])}"

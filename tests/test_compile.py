@@ -149,3 +149,19 @@ def test_compiled_training_step_matches_eager_outputs_and_gradients(name, monkey
     for g_compiled, g_eager in zip(compiled_grads, eager_grads):
         assert torch.allclose(g_compiled, g_eager, atol=1e-5, rtol=1e-4)
     train.undo_compile(model)
+
+
+@pytest.mark.slow
+def test_bench_reports_eager_and_compiled_side_by_side(tmp_path):
+    import subprocess
+    import sys
+    rows = tmp_path / "bench.jsonl"
+    proc = subprocess.run([sys.executable, "bench.py", "--models", "ntm", "--tasks", "copy", "--batch_sizes", "2",
+                           "--runs", "1", "--steps", "1", "--warmup", "1", "--threads", "1", "--json", str(rows)],
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    eager, compiled = [json.loads(line) for line in rows.read_text().splitlines()]
+    assert (eager["compile"], compiled["compile"]) == (False, True)
+    assert compiled["compile_seconds"] > 0 and eager["compile_seconds"] == 0
+    assert "speed-up" in proc.stdout and "compile s" in proc.stdout

@@ -114,7 +114,9 @@ def test_verdicts_follow_the_targets_over_every_seed():
     recipe = {"targets": [["acc", ">", 90]], "points": None}
     runs = lambda *accs: {"runs": [{"metrics": {"acc": a}} for a in accs]}
     assert reproduce.verdict(recipe, runs(95, 99)) == "yes"
-    assert reproduce.verdict(recipe, runs(95, 50)) == "partly"
+    assert reproduce.verdict(recipe, runs(95, 50)) == "partly"  # one seed of two meets every target
+    two = {"targets": [["acc", ">", 90], ["err", "<", 1]], "points": None}
+    assert reproduce.verdict(two, {"runs": [{"metrics": {"acc": 95, "err": 5}}]}) == "no"  # one target of two
     assert reproduce.verdict(recipe, runs(10, 50)) == "no"
     assert reproduce.verdict({"targets": [], "points": None}, runs(10)) == "baseline"
 
