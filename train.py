@@ -68,6 +68,10 @@ MODELS = {
 SIZED_BY_TASK = ("input_size", "output_size", "vocab_size", "sentence_length", "image_size", "in_channels",
                  "input_vocab", "input_groups", "condition_size", "feedback_size", "decoder")
 
+# Of those, the ones a flag may set where the task's spec leaves them out: input_vocab is set by tasks of
+# byte inputs (seqcifar); for MNIST's binary pixel the preset embeds it (2) and --input_vocab 0 feeds it as is.
+FLAGGABLE = ("input_vocab",)
+
 # The settings (training, model or task fields) that reproduce each result; flags override them.
 PRESETS = {
     ("ntm", "copy"): dict(max_iters=5000, batch_size=32, lr=1e-3),
@@ -229,7 +233,8 @@ def parse_args(argv):
     parser.add_argument("--task", default="copy", help=f"one of {', '.join(TASKS)}")
     preset = PRESETS.get((known.model, known.task))
     add_fields(parser, "training", TrainConfig, defaults=preset)
-    add_fields(parser, f"model ({known.model})", model_cfg, skip=SIZED_BY_TASK, defaults=preset)
+    add_fields(parser, f"model ({known.model})", model_cfg, skip=tuple(k for k in SIZED_BY_TASK if k not in FLAGGABLE),
+               defaults=preset)
     add_fields(parser, f"task ({known.task})", task_cfg, defaults=preset)
     args = vars(parser.parse_args(argv))
     return args.pop("model"), args.pop("task"), args
@@ -243,6 +248,9 @@ def model_config_for(model_name, task, values):
         raise UserError(f"--model {model_name} cannot embed this task's integer inputs (input_vocab "
                         f"{task.spec['input_vocab']}): use {', '.join(fitting)}")
     sizes = {k: task.spec[k] for k in SIZED_BY_TASK if k in task.spec and k in names}
+    clash = [k for k in FLAGGABLE if k in sizes and k in values and values[k] != sizes[k]]
+    if clash:
+        raise UserError(f"--{clash[0]} is set by this task ({sizes[clash[0]]}): drop the flag")
     return build_config(MODELS[model_name][0], {**values, **sizes}, "model")
 
 

@@ -322,3 +322,15 @@ def test_every_preset_builds_its_model_and_task(tmp_path, monkeypatch):
         except DataError:
             continue
         model_config_for(model_name, task, split_flags(preset, MODELS[model_name][0]))
+
+
+def test_input_vocab_is_a_flag_where_the_task_leaves_it_to_the_preset_and_refused_where_the_task_sets_it():
+    from types import SimpleNamespace
+    _, _, flags = train.parse_args(["--model", "brims", "--task", "seqmnist", "--input_vocab", "0"])
+    assert flags["input_vocab"] == 0  # MNIST's binary pixel fed as is, not embedded (the preset embeds it: 2)
+    pixels = SimpleNamespace(spec={"kind": "sequence", "input_size": 1, "output_size": 10})
+    assert train.model_config_for("brims", pixels, {"input_vocab": 0}).input_vocab == 0
+    cifar_bytes = SimpleNamespace(spec={"kind": "sequence", "input_size": 3, "input_vocab": 256, "output_size": 10})
+    assert train.model_config_for("brims", cifar_bytes, {}).input_vocab == 256
+    with pytest.raises(UserError, match="--input_vocab is set by this task"):
+        train.model_config_for("brims", cifar_bytes, {"input_vocab": 0})
