@@ -12,7 +12,8 @@ The tasks. Each one knows its problem and nothing about models:
   the name its metrics get in metrics.json ('<metric>@<setting>' unless the task says otherwise),
 - optionally `selection_settings` and `selection_metric`: a task with a validation split (seqmnist)
   has train.py evaluate only those settings during training, keep the checkpoint where
-  `selection_metric` is highest, and report every setting (the test sets) for that checkpoint.
+  `selection_metric` is highest (lowest, ties to the later checkpoint, where `selection_minimise`),
+  and report every setting (the test sets) for that checkpoint.
 
 A batch is a dict of tensors. Sequence tasks give x (B, T, in), targets y (B, T, ...) and
 mask (B, T), 1 where the model is scored. Everything is generated on the fly from a torch.Generator, so
@@ -118,6 +119,9 @@ class CopyConfig:
     max_len: int = 20
     eval_lengths: tuple = (10, 20, 30, 50, 120)  # Fig. 4: generalisation to 30, 50, 120
     eval_samples: int = 256  # test sequences per length
+    # keep the checkpoint with the fewest wrong bits on fixed validation sequences of length max_len
+    # (training lengths only; drawn after the test sets, which stay as they were); False: the last step
+    validation: bool = True
 
     def __post_init__(self):
         if not 1 <= self.min_len <= self.max_len:
@@ -137,6 +141,10 @@ class Copy(SequenceTask):
         super().__init__(config)
         self.spec = {"kind": self.kind, "input_size": config.width + 1, "output_size": config.width}
         self.eval_settings = {str(n): {"length": n} for n in config.eval_lengths}
+        if config.validation:  # NTM training is prone to sudden collapses late in training (docs/ntm.md)
+            self.eval_settings[f"val{config.max_len}"] = {"length": config.max_len}
+            self.selection_settings = tuple(self.eval_settings)  # the test lengths too: log.jsonl shows them
+            self.selection_metric, self.selection_minimise = f"bit_err@val{config.max_len}", True
 
     def sample_train_setting(self, generator):
         return {"length": _randint(self.config.min_len, self.config.max_len, generator)}

@@ -581,6 +581,7 @@ def main(argv=None):
     # tasks with a validation split (e.g. seqmnist) evaluate only it during training, keep the
     # checkpoint that scores best on it and report every setting (the test sets) for that one
     selection = getattr(task, "selection_metric", None)
+    sign = -1.0 if getattr(task, "selection_minimise", False) else 1.0  # best["value"] holds sign * metric
     periodic_settings = getattr(task, "selection_settings", None) or tuple(eval_data)
     best = {"value": -math.inf, "iter": 0, "model": None}
 
@@ -732,8 +733,9 @@ def main(argv=None):
             if master:
                 metrics = evaluation(iter_num, seconds, periodic_settings)
                 log(metrics)
-                if selection and metrics[selection] > best["value"]:
-                    best = {"value": metrics[selection], "iter": iter_num,
+                if selection and (sign * metrics[selection] > best["value"] or
+                                  sign < 0 and sign * metrics[selection] == best["value"]):  # ties: the later
+                    best = {"value": sign * metrics[selection], "iter": iter_num,
                             "model": {k: v.detach().cpu().clone() for k, v in raw_model.state_dict().items()}}
                 bar.write(" ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
             checkpoint()

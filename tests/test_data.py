@@ -27,7 +27,9 @@ def test_the_same_seed_gives_the_same_batch_and_train_lengths_stay_in_range():
     g = gen(1)
     lengths = {int(task.train_batch(1, g)["mask"].sum()) for _ in range(300)}
     assert lengths == set(range(1, 21))  # section 4.1: lengths 1..20
-    assert list(task.eval_settings) == ["10", "20", "30", "50", "120"]
+    assert list(task.eval_settings) == ["10", "20", "30", "50", "120", "val20"]  # validation last
+    assert task.selection_metric == "bit_err@val20" and task.selection_minimise
+    assert list(Copy(CopyConfig(validation=False)).eval_settings) == ["10", "20", "30", "50", "120"]
 
 
 def test_repeat_copy_repeats_the_sequence_then_marks_the_end():

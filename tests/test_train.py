@@ -73,7 +73,8 @@ def test_eval_only_reproduces_the_final_metrics(tmp_path):
     out, result = run(tmp_path, "--max_iters", "4")
     with open(os.path.join(out, "metrics.json")) as f:
         trained = json.load(f)
-    assert set(trained) == {"bit_err@4", "bit_err@8", "iter", "seconds", "compile_seconds"}
+    assert set(trained) == {"bit_err@4", "bit_err@8", "bit_err@val4", "iter", "seconds", "compile_seconds",
+                            "selected_iter"}
     assert trained == {**result["metrics"], "seconds": trained["seconds"]}
     _, again = run(tmp_path, "--eval_only")
     assert again["metrics"] == trained
@@ -334,3 +335,23 @@ def test_input_vocab_is_a_flag_where_the_task_leaves_it_to_the_preset_and_refuse
     assert train.model_config_for("brims", cifar_bytes, {}).input_vocab == 256
     with pytest.raises(UserError, match="--input_vocab is set by this task"):
         train.model_config_for("brims", cifar_bytes, {"input_vocab": 0})
+
+
+def test_copy_keeps_the_checkpoint_with_the_fewest_validation_errors_and_the_test_sets_are_unchanged(tmp_path,
+                                                                                                   monkeypatch):
+    """A late collapse (NTM copy, docs/ntm.md) is not what gets reported: the checkpoint with the lowest
+    bit_err on the validation sequences (training length) is, ties going to the later one; the test
+    sequences are the same as without validation."""
+    plain, _ = run(tmp_path, "--max_iters", "2", "--no-validation", name="plain")
+    picked, result = run(tmp_path, "--max_iters", "6", "--eval_interval", "2", name="picked")
+    with open(os.path.join(picked, "log.jsonl")) as f:
+        evals = [r for r in map(json.loads, f) if "bit_err@val4" in r]
+    assert [r["iter"] for r in evals] == [2, 4, 6] and all("bit_err@8" in r for r in evals)  # every length logged
+    lowest = min(r["bit_err@val4"] for r in evals)
+    chosen = max(r["iter"] for r in evals if r["bit_err@val4"] == lowest)
+    assert result["metrics"]["selected_iter"] == chosen
+    reported = next(r for r in evals if r["iter"] == chosen)
+    assert result["metrics"]["bit_err@8"] == reported["bit_err@8"]  # the test sets scored on that checkpoint
+    with open(os.path.join(plain, "metrics.json")) as f:
+        first = json.load(f)
+    assert evals[0]["bit_err@8"] == first["bit_err@8"]  # step 2: the same test sequences, the same score
