@@ -48,7 +48,8 @@ from brims import BRIMs, BRIMsConfig
 # The last column: torch.compile is the default on CUDA for every model and on the CPU for those whose compiled
 # training step bench.py measured faster there (python bench.py --modes eager,compiled; README, Speed). ACT is
 # off: its number of steps varies with pondering, so training recompiles (1,000 steps of 16-element parity:
-# 14 s eager, 57 s compiled); NPS is slower compiled; the LSTM is one fused nn.LSTM call.
+# 14 s eager, 57 s compiled); so do the Transformer and the UT, whose string lengths vary (algo_reverse: 300
+# steps in 71 s eager, 250 in 19 minutes compiled); NPS is slower compiled; the LSTM is one fused nn.LSTM call.
 ModelEntry = namedtuple("ModelEntry", "config model kinds cpu_compile")
 MODELS = {
     "ntm": ModelEntry(NTMConfig, NTM, ("sequence",), True),
