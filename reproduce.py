@@ -486,7 +486,8 @@ def table(results_dir="results"):
 def runs_table(result):
     """Per-seed (and per-point) table of a recipe's row metrics, for its docs page."""
     rec = result["recipe"]
-    keys = list(rec["metrics"]) + [k for k in ("iter",) if k not in rec["metrics"]]
+    step = "selected_iter" if any("selected_iter" in r["metrics"] for r in result["runs"]) else "iter"
+    keys = list(rec["metrics"]) + [step]  # the step reported: the last one, or the one validation selected
     grid = bool(rec.get("points"))
     head = (["point"] if grid else []) + ["seed"] + keys + ["wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
