@@ -82,6 +82,7 @@ def test_eval_only_reproduces_the_final_metrics(tmp_path):
         assert json.load(f) == trained
 
 
+@pytest.mark.slow  # a minute of the default suite's two; .ci/run runs it with -m slow
 def test_a_short_cpu_run_lowers_the_copy_loss_well_below_its_start(tmp_path):
     out = str(tmp_path / "learn")
     result = main(["--out_dir", out, "--min_len", "3", "--max_len", "3", "--eval_lengths", "3",
@@ -236,6 +237,7 @@ def test_model_files_import_and_run_when_copied_alone(tmp_path):
         assert "torch.Size([2, 5, 8])" in proc.stdout
 
 
+@pytest.mark.slow  # a minute of the default suite's two; .ci/run runs it with -m slow
 def test_ddp_with_two_gloo_processes_keeps_parameters_in_agreement(tmp_path):
     script = tmp_path / "ddp_run.py"
     script.write_text(textwrap.dedent(f"""
