@@ -16,8 +16,9 @@ Each run is `python train.py ... --seed S --out_dir out/reproduce/<recipe>[/<poi
 process with OMP_NUM_THREADS=--threads (default 1: at most two runs on a 2-core machine, each on one
 core). A run whose metrics.json exists is finished and not run again; one with a checkpoint but no
 metrics.json was interrupted and continues with --resume. results/<recipe>.json holds the recipe, the
-exact command of its first run, each run's final metrics and wall time, the mean and standard error
-over seeds of every numeric metric, and the torch version, machine and git commit they came from.
+exact command of its first run (the --data_root folder written as DATA_ROOT: it is this machine's),
+each run's final metrics and wall time, the mean and standard error over seeds of every numeric
+metric, and the torch version, machine and git commit they came from.
 --table renders the README's table between its marker comments (and each docs page's per-seed tables
 between `<!-- runs:NAME -->` markers) from those files alone, so no number there is typed by hand.
 """
@@ -33,6 +34,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+
+import torch
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -253,9 +256,9 @@ def runs_of(name, recipe, seeds, out_root, data_root):
 
 
 def run_one(run_dir, argv, threads):
-    """Train (or resume) one run in its own process; returns its wall seconds (0 if it was finished)."""
+    """Train (or resume) one run in its own process, unless it has finished; record its wall time."""
     if os.path.exists(os.path.join(run_dir, "metrics.json")):
-        return None
+        return
     resume = os.path.exists(os.path.join(run_dir, "ckpt.pt"))
     command = [sys.executable, os.path.join(ROOT, "train.py"), *argv, *(["--resume"] if resume else [])]
     os.makedirs(run_dir, exist_ok=True)
@@ -277,7 +280,6 @@ def run_one(run_dir, argv, threads):
     with open(wall_path, "w") as f:
         json.dump({"wall_seconds": round(before + wall, 1), "threads": threads, "commit": commit,
                    "load_average": round(os.getloadavg()[0], 1)}, f)
-    return wall
 
 
 def mean_and_stderr(values):
@@ -302,7 +304,6 @@ def machine(threads, jobs):
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    import torch
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"cpu": cpu, "cores": os.cpu_count(), "threads_per_run": threads, "parallel_runs": jobs, "gpu": gpu,
             "platform": platform.platform()}
@@ -335,9 +336,10 @@ def reproduce(name, seeds=None, jobs=1, threads=1, out_root="out/reproduce", res
         records.append({**({"point": point} if point else {}), "seed": seed, "metrics": metrics,
                         "wall_seconds": harness.get("wall_seconds", metrics.get("seconds", 0)),
                         **{k: harness[k] for k in ("commit", "load_average") if k in harness}})
-    import torch
-    result = {"recipe": {"name": name, **asdict(recipe), "seeds": list(seeds)},
-              "command": "python train.py " + shlex.join(runs[0][3]), "runs": records}
+    command = "python train.py " + shlex.join(runs[0][3])
+    if recipe.data and data_root:  # where this machine keeps the datasets is no part of the recipe
+        command = command.replace(shlex.quote(os.path.join(data_root, recipe.data)), f"DATA_ROOT/{recipe.data}")
+    result = {"recipe": {"name": name, **asdict(recipe), "seeds": list(seeds)}, "command": command, "runs": records}
     if recipe.points:
         groups = {p: [r for r in records if r["point"] == p] for p in recipe.points}
         summaries = {p: summarise(rs) for p, rs in groups.items()}
@@ -360,7 +362,6 @@ def reproduce(name, seeds=None, jobs=1, threads=1, out_root="out/reproduce", res
 def bar_panel(title, labels, stats, height=120, bar=34, gap=16):
     """One bar chart as a uint8 image: a bar per (mean, stderr) with a whisker of +-stderr,
     the value above it and its label below. The y axis starts at 0."""
-    import torch
     from train import text_image
     top = max(m + s for m, s in stats) or 1.0
     width = gap + len(stats) * (bar + gap)
@@ -388,7 +389,6 @@ def bar_panel(title, labels, stats, height=120, bar=34, gap=16):
 
 def draw_bars(path, result, metrics):
     """A grid recipe's figure: for each metric, a bar per point (mean over seeds, +- standard error)."""
-    import torch
     from train import write_png
     points = list(result["mean"])
     labels = [p.split("=")[-1] for p in points]
@@ -466,6 +466,14 @@ def current(name, result):
     return rec, stale
 
 
+def row(name, result):
+    """A recipe's row of the results table, from its results file."""
+    rec, stale = current(name, result)
+    mark = " (stale: the recipe's settings changed since; rerun it)" if stale else ""
+    return (f"| {rec['claim']} | {rec['paper']} | {ours(rec, result)}{mark} | {verdict(rec, result)} "
+            f"| `{name}` | {cpu_minutes(result):.1f} |")
+
+
 def table(results_dir="results"):
     """The README's results table: a row per recipe, measured ones from their results file."""
     results = load_results(results_dir)
@@ -473,11 +481,7 @@ def table(results_dir="results"):
              "|---|---|---|---|---|---|"]
     for name, recipe in RECIPES.items():
         if name in results:
-            result = results[name]
-            rec, stale = current(name, result)
-            mark = " (stale: the recipe's settings changed since; rerun it)" if stale else ""
-            lines.append(f"| {rec['claim']} | {rec['paper']} | {ours(rec, result)}{mark} | {verdict(rec, result)} "
-                         f"| `{name}` | {cpu_minutes(result):.1f} |")
+            lines.append(row(name, results[name]))
         else:
             lines.append(f"| {recipe.claim} | {recipe.paper} | not yet run by the harness | | `{name}` | |")
     return "\n".join(lines)
@@ -599,10 +603,8 @@ def main(argv=None):
         except ValueError:
             raise HarnessError(f"--seeds takes comma-separated integers, e.g. 0,1,2; got {args.seeds!r}")
         for name in args.names:
-            result = reproduce(name, seeds, args.jobs, args.threads, args.out_root, args.results_dir, args.data_root)
-            rec = result["recipe"]
-            print(f"| {rec['claim']} | {rec['paper']} | {ours(rec, result)} | {verdict(rec, result)} | `{name}` "
-                  f"| {cpu_minutes(result):.1f} |")
+            print(row(name, reproduce(name, seeds, args.jobs, args.threads, args.out_root, args.results_dir,
+                                      args.data_root)))
         if args.table:
             write_tables(args.readme, args.results_dir, args.docs_dir)
     except HarnessError as e:

@@ -428,9 +428,9 @@ def compile_for_training(model):
 
 
 def undo_compile(model):
-    """The eager model back, after compile_for_training."""
+    """Give a recurrent model its own step back, after compile_for_training (a compiled whole model is a
+    wrapper: the model itself was never changed)."""
     model.__dict__.pop("step", None)
-    return getattr(model, "_orig_mod", model)
 
 
 @contextmanager

@@ -168,3 +168,16 @@ def test_list_prints_every_recipe_with_its_claim(capsys):
     out = capsys.readouterr().out
     for name, recipe in reproduce.RECIPES.items():
         assert name in out and recipe.claim in out
+
+
+def test_the_recorded_command_names_the_data_root_by_a_placeholder(monkeypatch, tmp_path):
+    recipe = Recipe("data", "ntm", "copy", flags=dict(TINY), seeds=(0,), metrics=("bit_err@2",), data="mnist",
+                    note="baseline")
+    monkeypatch.setattr(reproduce, "RECIPES", {"data": recipe})
+    monkeypatch.setattr(reproduce, "run_one", lambda *args: None)  # nothing to train: only the record is checked
+    run_dir = tmp_path / "out" / "data" / "s0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.json").write_text(json.dumps({"bit_err@2": 1.0, "iter": 4}))
+    result = reproduce.reproduce("data", out_root=str(tmp_path / "out"), results_dir=str(tmp_path / "r"),
+                                 data_root=str(tmp_path / "my datasets"))
+    assert "--data_dir DATA_ROOT/mnist" in result["command"] and "my datasets" not in result["command"]
