@@ -275,10 +275,9 @@ def run_one(run_dir, argv, threads):
             tail = [line for line in f.read().splitlines() if line.strip()][-1:]
         raise HarnessError(f"python train.py {shlex.join(argv)} failed (exit {proc.returncode}): "
                            f"{tail[0] if tail else ''} (log: {log_path})")
-    wall_path = os.path.join(run_dir, "wall_seconds.json")  # summed over interruptions
-    before = json.load(open(wall_path))["wall_seconds"] if os.path.exists(wall_path) else 0.0
-    with open(wall_path, "w") as f:
-        json.dump({"wall_seconds": round(before + wall, 1), "threads": threads, "commit": commit,
+    # the attempt that finished: an interrupted attempt's time is not counted (it never gets here)
+    with open(os.path.join(run_dir, "wall_seconds.json"), "w") as f:
+        json.dump({"wall_seconds": round(wall, 1), "threads": threads, "commit": commit,
                    "load_average": round(os.getloadavg()[0], 1)}, f)
 
 
