@@ -60,6 +60,8 @@ Choices the paper leaves open, and what we do:
 - Communication, the gated residual and the treatment of inactive modules are those of our rims.py:
   inactive modules are read with their kept, detached state, so they get no gradient through it.
 - The logits read the top layer only, as the official code does. No dropout (short runs).
+- Each module's LSTM forget gate starts with forget_bias (1) added to its bias (Jozefowicz et al.
+  2015; TensorFlow's LSTMCell default), as in our rims.py.
 - Speed (same results): per step one batched matmul gives both the query and the cells' recurrent
   gates (step_weights, built once per sequence), the first layer's bottom-up keys and values are
   computed for all steps at once, and the softmaxes run over a non-last dimension (faster on CPU).
@@ -96,6 +98,7 @@ class BRIMsConfig:
     num_active: tuple = (4,)  # k_A (top-k)
     hidden_size: tuple = (600,)  # total h of the layer's modules
     cell: str = "lstm"  # 'lstm' or 'gru', each module's dynamics
+    forget_bias: float = 1.0  # added to each LSTM forget gate's initial bias (Jozefowicz et al. 2015; 0 = torch's init)
     input_key_size: int = 64  # RIMs Table 3: input attention key (and query) size
     input_value_size: int = 400  # RIMs Table 3: input attention value size
     comm_heads: int = 4  # RIMs Table 3: communication heads
@@ -162,6 +165,9 @@ class BRIMsLayer(nn.Module):
         self.cell_hidden_weight = grouped(M, S, gates * S, bound)
         self.cell_input_bias = nn.Parameter(torch.empty(M, gates * S).uniform_(-bound, bound))
         self.cell_hidden_bias = nn.Parameter(torch.empty(M, gates * S).uniform_(-bound, bound))
+        if c.cell == "lstm":
+            with torch.no_grad():
+                self.cell_input_bias[:, S: 2 * S] += c.forget_bias  # the forget gate f starts more open
         # Eq. 3: communication among the layer's modules, gated residual
         if c.communication:
             H, ck, cv = c.comm_heads, c.comm_key_size, c.comm_value_size

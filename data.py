@@ -428,6 +428,7 @@ class CopyDelayConfig:
     delay: int = 50  # T, Table 1: trained with T = 50
     eval_delays: tuple = (50, 200)  # Table 1: tested with T = 200
     eval_samples: int = 512  # test sequences per delay
+    null_blank: bool = False  # True: the blank is the all-zero input (no channel of its own), an ablation
 
     def __post_init__(self):
         _check_positive(self, "num_symbols", "length", "delay", "eval_samples")
@@ -438,19 +439,22 @@ class CopyDelayConfig:
 class CopyDelay(SequenceTask):
     """Tokens: `length` symbols drawn uniformly from 1..num_symbols, then T - 1 blanks (0), the
     delimiter (num_symbols + 1), then `length` blanks during which the symbols must be reproduced
-    in order: length + T + length steps. Inputs are one-hot over the symbols and the delimiter (the
-    model's input maps embed them); a blank is no input, a zero vector. Targets are token ids over
-    the whole vocabulary, the blank everywhere but the recall positions.
+    in order: length + T + length steps. Inputs are one-hot over every token, the blank included, so a
+    model's bias-free input map is a lookup table of all of them, as the official RIMs code embeds
+    every token (nn.Embedding). With null_blank the blank is the zero vector instead: RIMs' null input
+    (an ablation). Targets are token ids over the whole vocabulary, the blank everywhere but the
+    recall positions.
     Only the `length` recall positions are scored: averaged over all positions, a model that
     always answers blank would look almost perfect. Metrics: ce, the mean cross-entropy (nats)
-    per recall position, and acc, the % of recalled symbols right."""
+    per recall position, and acc, the % of recalled symbols right; drop@T, the points of acc lost
+    from the training delay to a longer test delay T."""
 
     metric = "acc"
 
     def __init__(self, config, data_dir=None):
         super().__init__(config)
         self.vocab = config.num_symbols + 2
-        self.spec = {"kind": self.kind, "input_size": self.vocab - 1, "output_size": self.vocab}
+        self.spec = {"kind": self.kind, "input_size": self.vocab - config.null_blank, "output_size": self.vocab}
         self.eval_settings = {str(t): {"delay": t} for t in config.eval_delays}
         self.bench_setting = str(config.delay)
 
@@ -468,7 +472,7 @@ class CopyDelay(SequenceTask):
         y[:, T - c.length:] = symbols
         mask = torch.zeros(B, T)
         mask[:, T - c.length:] = 1.0
-        x = F.one_hot(tokens, self.vocab)[..., 1:].float()  # the blank (token 0) is all zeros
+        x = F.one_hot(tokens, self.vocab)[..., int(c.null_blank):].float()  # null_blank: the blank (0) is all zeros
         return {"x": x, "y": y, "mask": mask}
 
     def loss(self, logits, batch):
@@ -483,6 +487,15 @@ class CopyDelay(SequenceTask):
         per_seq = mask.sum(1)
         return {"ce": ((ce * mask).sum(1) / per_seq).sum().item(),
                 "acc": 100.0 * ((right * mask).sum(1) / per_seq).sum().item(), "count": logits.shape[0]}
+
+    def summary(self, results):
+        """drop@T: the recall accuracy lost from the training delay to each longer test delay T, in points
+        (when the training delay is one of eval_delays): how well copying generalises to longer delays."""
+        trained = f"acc@{self.config.delay}"
+        if trained not in results:
+            return {}
+        return {f"drop@{t}": results[trained] - results[f"acc@{t}"] for t in self.config.eval_delays
+                if t > self.config.delay and f"acc@{t}" in results}
 
     def figure_panels(self, logits, batch, internals, index=0):
         """Input tokens over time, then target and output distributions over the recall positions."""

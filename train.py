@@ -87,12 +87,12 @@ PRESETS = {
     ("rims", "copy_delay"): dict(hidden_size=120, input_key_size=32, input_value_size=32, comm_key_size=16,
                                  comm_value_size=16, max_iters=2000, batch_size=32, lr=3e-3, grad_clip=1.0,
                                  eval_interval=250, log_interval=25),
-    ("lstm", "copy_delay"): dict(hidden_size=120, num_layers=1, max_iters=2000, batch_size=32, lr=3e-3,
+    ("lstm", "copy_delay"): dict(hidden_size=120, num_layers=1, forget_bias=1.0, max_iters=2000, batch_size=32, lr=3e-3,
                                  grad_clip=1.0, eval_interval=250, log_interval=25),
     # RIMs paper, Table 1 (sequential MNIST): k_T = 6, k_A = 4 at hidden 600 for 100 epochs; this preset is
     # a CPU-sized version (hidden 120, 300 steps of 32 images); the paper's command is in the README
     ("rims", "seqmnist"): dict(hidden_size=120, input_key_size=32, input_value_size=32, comm_key_size=16,
-                               comm_value_size=16, max_iters=300, batch_size=32, lr=3e-3, grad_clip=1.0,
+                               comm_value_size=16, input_vocab=2, embed_size=120, max_iters=300, batch_size=32, lr=3e-3, grad_clip=1.0,
                                eval_interval=100, log_interval=10, val_samples=1000, eval_samples=1000),
     # BRIMs paper, Table 1: two layers of RIMs; the RIMs CPU-scale protocol above, each layer the size of
     # that RIMs model (6 modules, 4 active, hidden 120). The binary pixel is embedded by a 2-entry lookup table
@@ -105,7 +105,7 @@ PRESETS = {
     # hidden 600), 100 epochs of the 40k training images at batch 64, Adam 7e-4 and clip 1 as the official scripts.
     # Not run on our CPU (see README)
     ("brims", "seqcifar"): dict(max_iters=62500, batch_size=64, lr=7e-4, grad_clip=1.0, eval_interval=625, log_interval=50),
-    ("lstm", "seqmnist"): dict(hidden_size=120, num_layers=1, max_iters=300, batch_size=32, lr=3e-3, grad_clip=1.0,
+    ("lstm", "seqmnist"): dict(hidden_size=120, num_layers=1, forget_bias=1.0, max_iters=300, batch_size=32, lr=3e-3, grad_clip=1.0,
                                eval_interval=100, log_interval=10, val_samples=1000, eval_samples=1000),
     ("lstm", "addition"): dict(hidden_size=512, num_layers=1, max_iters=10000, batch_size=32, lr=1e-3,
                                eval_interval=1000, log_interval=50),

@@ -11,7 +11,8 @@ alternate, run after run, so that a noisy machine slows both alike. No dataset i
 BRIMs embeds the binary pixel with a 2-entry table of the hidden size, as the seqmnist preset does
 (--input_vocab 0 feeds the pixel itself); the LSTM reads the pixel.
 
-Prints the median ms per training step (forward, backward, Adam) of each and their ratio.
+Prints the median ms per training step (forward, backward, Adam) of each and its ratio to the LSTM's;
+--compile adds the same BRIMs with its step compiled (as train.py trains it on the CPU).
 """
 
 import argparse
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from brims import BRIMs, BRIMsConfig  # noqa: E402
 from lstm import LSTM, LSTMConfig  # noqa: E402
-from rims_vs_lstm import report, time_side_by_side  # noqa: E402  (the same timing, side by side)
+from rims_vs_lstm import report, time_side_by_side, with_compiled_step  # noqa: E402  (the same timing, side by side)
 
 
 def main():
@@ -43,6 +44,7 @@ def main():
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--steps", type=int, default=2, help="training steps per timed run")
+    parser.add_argument("--compile", action="store_true", help="also time BRIMs with its step compiled")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -56,6 +58,8 @@ def main():
                                          comm_value_size=args.comm_value_size, input_vocab=args.input_vocab,
                                          embed_size=args.hidden_size)),
               "lstm": LSTM(LSTMConfig(input_size=1, output_size=10, hidden_size=args.hidden_size, num_layers=args.num_layers))}
+    if args.compile:
+        models = with_compiled_step(models, "brims")
     ms = time_side_by_side(models, lambda logits: F.cross_entropy(logits[:, -1], y), x, args.runs, args.steps)
     print(f"{args.resolution ** 2} steps, batch {args.batch_size}, {args.num_layers} layers of hidden {args.hidden_size}, "
           f"{torch.get_num_threads()} thread(s), median of {args.runs} runs of {args.steps} steps")

@@ -4,12 +4,15 @@ same total hidden size, on the same batch of copy_delay sequences, timed side by
 alternate, run after run, so that a noisy machine slows both alike.
 
     python benchmarks/rims_vs_lstm.py                          # hidden 600 (the paper's), batch 64, T = 50
-    python benchmarks/rims_vs_lstm.py --hidden_size 240 --input_value_size 64 --threads 1
+    python benchmarks/rims_vs_lstm.py --hidden_size 120 --input_value_size 32 --comm_key_size 16 \
+        --comm_value_size 16 --batch_size 32 --threads 1 --compile     # the copy_delay preset's size
 
-Prints the median ms per training step (forward, backward, Adam) of each and their ratio.
+Prints the median ms per training step (forward, backward, Adam) of each and its ratio to the LSTM's.
+--compile adds the same RIMs with its step compiled (torch.compile, as train.py trains it on the CPU).
 """
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -47,24 +50,37 @@ def time_side_by_side(models, loss_of, x, runs, steps):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def with_compiled_step(models, name):
+    """models plus name + '+compile': a copy of models[name] whose step is compiled, as train.py's
+    compile_for_training does for recurrent models on the CPU. Compiling happens in the warm-up."""
+    compiled = copy.deepcopy(models[name])
+    compiled.step = torch.compile(compiled.step)
+    return {name: models[name], f"{name}+compile": compiled, **{k: m for k, m in models.items() if k != name}}
+
+
 def report(models, ms):
-    """One line per model (ms per step, parameters), then the first model's time over the second's."""
+    """One line per model (ms per step, parameters), then each model's time over the last one's (the LSTM)."""
+    width = max(map(len, models))
     for name, model in models.items():
         params = sum(p.numel() for p in model.parameters())
-        print(f"{name:<5} {ms[name]:9.1f} ms/step  {params:>9,} parameters")
-    first, second = list(models)
-    print(f"{first} / {second} = {ms[first] / ms[second]:.2f}")
+        print(f"{name:<{width}} {ms[name]:9.1f} ms/step  {params:>9,} parameters")
+    *others, reference = list(models)
+    for name in others:
+        print(f"{name} / {reference} = {ms[name] / ms[reference]:.2f}")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden_size", type=int, default=600)
     parser.add_argument("--input_value_size", type=int, default=400)
+    parser.add_argument("--comm_key_size", type=int, default=32)
+    parser.add_argument("--comm_value_size", type=int, default=32)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--delay", type=int, default=50)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--steps", type=int, default=3, help="training steps per timed run")
+    parser.add_argument("--compile", action="store_true", help="also time RIMs with its step compiled")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -72,8 +88,11 @@ def main():
     task = CopyDelay(CopyDelayConfig(delay=args.delay))
     batch = task.train_batch(args.batch_size, torch.Generator().manual_seed(0))
     size = dict(input_size=task.spec["input_size"], output_size=task.spec["output_size"], hidden_size=args.hidden_size)
-    models = {"rims": RIMs(RIMsConfig(**size, input_value_size=args.input_value_size)),
+    models = {"rims": RIMs(RIMsConfig(**size, input_value_size=args.input_value_size,
+                                      comm_key_size=args.comm_key_size, comm_value_size=args.comm_value_size)),
               "lstm": LSTM(LSTMConfig(**size, num_layers=1))}
+    if args.compile:
+        models = with_compiled_step(models, "rims")
     ms = time_side_by_side(models, lambda logits: task.loss(logits, batch), batch["x"], args.runs, args.steps)
     steps = batch["x"].shape[1]
     print(f"copy_delay T = {args.delay} ({steps} steps), batch {args.batch_size}, hidden {args.hidden_size}, "

@@ -66,3 +66,29 @@ def test_the_seq2seq_lstm_decodes_greedily_as_it_would_teacher_forced_on_its_own
     assert not torch.allclose(model(x, y=later, teacher_forcing=True)[0][:, 3], forced[:, 3], atol=1e-4)
     with pytest.raises(ValueError, match="vocab_size"):
         LSTMConfig(decoder=True)
+
+
+@pytest.mark.parametrize("name", ["lstm", "rims", "brims"])
+def test_the_forget_gate_bias_is_what_the_config_says_in_every_lstm(name):
+    """forget_bias is added to torch's init of every forget gate (torch's gate order i, f, g, o) and
+    nowhere else: two models built from one seed differ by exactly forget_bias there."""
+    make = {"lstm": lambda fb: LSTM(LSTMConfig(input_size=3, output_size=2, hidden_size=8, num_layers=2, forget_bias=fb)),
+            "rims": lambda fb: RIMs(RIMsConfig(input_size=3, output_size=2, hidden_size=12, forget_bias=fb)),
+            "brims": lambda fb: BRIMs(BRIMsConfig(input_size=3, output_size=2, hidden_size=(12, 6), num_modules=(6, 3),
+                                                  num_active=(4, 2), forget_bias=fb))}[name]
+    torch.manual_seed(0)
+    base = dict(make(0.0).named_parameters())
+    torch.manual_seed(0)
+    opened = dict(make(1.5).named_parameters())
+    forget_slices = 0
+    for key, weight in opened.items():
+        difference = (weight - base[key]).detach()
+        if "bias_ih" in key or key.endswith("cell_input_bias"):
+            size = difference.shape[-1] // 4  # the module (or layer) size S
+            expected = torch.zeros_like(difference)
+            expected[..., size: 2 * size] = 1.5
+            assert torch.allclose(difference, expected), key
+            forget_slices += 1
+        else:
+            assert torch.equal(difference, torch.zeros_like(difference)), key
+    assert forget_slices == {"lstm": 2, "rims": 1, "brims": 2}[name]  # every layer's cells

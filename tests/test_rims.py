@@ -220,3 +220,71 @@ def test_rims_file_imports_and_runs_when_copied_alone(tmp_path):
                           env={**os.environ, "PYTHONPATH": ""})
     assert proc.returncode == 0, proc.stderr
     assert "torch.Size([2, 7, 5])" in proc.stdout and "[4.0, 4.0" in proc.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs that are not the null row, and the fused step
+
+def test_an_embedded_blank_or_background_pixel_is_not_scored_like_the_null_row():
+    from data import CopyDelay, CopyDelayConfig
+    torch.manual_seed(0)
+    task = CopyDelay(CopyDelayConfig(length=2, delay=3, num_symbols=4))
+    x = task.make_batch(2, torch.Generator().manual_seed(0), delay=3)["x"]  # (B, 7, 6), one-hot with the blank
+    model = small(input_size=x.shape[-1])
+    key, weighted_value = model.input_projections(x)
+    blank = x[..., 0] == 1
+    assert blank.any() and (key[blank].abs().sum(-1) > 0).all()  # the blank has a key of its own
+    h, _ = random_state(model, 1)
+    attention = model.input_attention(key[:1, 3], h)  # step 3 is a blank
+    assert not torch.allclose(attention, torch.full_like(attention, 0.5))  # no tie at 0.5
+    pixels = small(input_size=1, input_vocab=2, embed_size=12)
+    key, _ = pixels.input_projections(torch.tensor([[[0.0], [1.0]]]))  # a background and an ink pixel
+    assert (key[0].abs().sum(-1) > 0).all() and not torch.allclose(key[0, 0], key[0, 1])
+    null = small(input_size=1)  # the ablation: the pixel fed as is, so background is the null row
+    key, _ = null.input_projections(torch.zeros(1, 1, 1))
+    assert torch.equal(null.input_attention(key[:, 0], h), torch.full((1, 6), 0.5))
+
+
+def reference_forward(model, x):
+    """The per-step arithmetic of sections 2.2-2.4 written plainly (einsum per module, no fused matmul,
+    softmax over the last dimension): what the fused step must equal."""
+    c, S = model.config, model.module_size
+    M, H, dk, dv = c.num_modules, c.comm_heads, c.comm_key_size, c.comm_value_size
+    B, T, _ = x.shape
+    x = model.embed(x)
+    h = cell_state = torch.zeros(B, M, S)
+    outputs, actives = [], []
+    for t in range(T):
+        key, value = model.input_key(x[:, t]), model.input_value(x[:, t])
+        query = torch.einsum("bms,msd->bmd", h, model.input_query)
+        p = torch.sigmoid((query * key.unsqueeze(1)).sum(-1) / math.sqrt(c.input_key_size))  # (B, M)
+        active = model.select_active(1 - p)
+        read = p.unsqueeze(-1) * value.unsqueeze(1)  # (B, M, dv)
+        gates = (torch.einsum("bmi,mig->bmg", read, model.cell_input_weight) + model.cell_input_bias
+                 + torch.einsum("bms,msg->bmg", h, model.cell_hidden_weight) + model.cell_hidden_bias)
+        i, f, g, o = gates.split(S, dim=-1)
+        c_new = torch.sigmoid(f) * cell_state + torch.sigmoid(i) * torch.tanh(g)
+        h_new = torch.sigmoid(o) * torch.tanh(c_new)
+        source = torch.where(active.unsqueeze(-1), h_new, h)
+        q = torch.einsum("bms,msd->bmd", h_new, model.comm_query).view(B, M, H, dk).transpose(1, 2)
+        k, v = torch.einsum("bms,msd->bmd", source, model.comm_key_value).split((H * dk, H * dv), -1)
+        k, v = k.reshape(B, M, H, dk).transpose(1, 2), v.reshape(B, M, H, dv).transpose(1, 2)
+        heads = (torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(dk), -1) @ v).transpose(1, 2).reshape(B, M, -1)
+        out, gate = (torch.einsum("bmi,mio->bmo", heads, model.comm_output_gate) + model.comm_output_gate_bias).split(S, -1)
+        h_new = h_new + torch.sigmoid(gate) * torch.tanh(out)
+        keep = active.unsqueeze(-1)
+        h, cell_state = torch.where(keep, h_new, h), torch.where(keep, c_new, cell_state)
+        outputs.append(model.output(h.reshape(B, -1)))
+        actives.append(active)
+    return torch.stack(outputs, 1), torch.stack(actives, 1).float()
+
+
+@pytest.mark.parametrize("vocab", [0, 3])
+def test_the_fused_step_equals_the_plain_arithmetic_logits_and_active_modules(vocab):
+    torch.manual_seed(0)
+    model = small(input_vocab=vocab, embed_size=7)
+    x = torch.randint(0, 3, (4, 9, 5)).float() if vocab else torch.randn(4, 9, 5)
+    logits, internals = model(x, return_internals=True)
+    expected_logits, expected_active = reference_forward(model, x)
+    assert torch.equal(internals["active_modules"], expected_active)
+    assert torch.allclose(logits, expected_logits, atol=1e-5)

@@ -23,9 +23,9 @@ from train import UserError, main
 def test_copy_delay_layout_delimiter_and_targets():
     task = CopyDelay(CopyDelayConfig(length=3, delay=5, num_symbols=4))
     batch = task.make_batch(2, torch.Generator().manual_seed(0), delay=5)
-    x = batch["x"]  # (B, 3 + 5 + 3, 4 symbols + delimiter): one-hot, a blank is all zeros
-    assert x.shape == (2, 11, 5) and set(x.sum(-1).flatten().tolist()) == {0.0, 1.0}
-    tokens = torch.where(x.sum(-1) > 0, x.argmax(-1) + 1, 0)
+    x = batch["x"]  # (B, 3 + 5 + 3, blank + 4 symbols + delimiter): one-hot over every token
+    assert x.shape == (2, 11, 6) and set(x.sum(-1).flatten().tolist()) == {1.0}
+    tokens = x.argmax(-1)
     symbols = tokens[:, :3]
     assert ((symbols >= 1) & (symbols <= 4)).all()
     assert (tokens[:, 3:7] == 0).all()  # T - 1 = 4 blanks
@@ -34,6 +34,16 @@ def test_copy_delay_layout_delimiter_and_targets():
     assert torch.equal(batch["y"][:, 8:], symbols) and (batch["y"][:, :8] == 0).all()
     assert torch.equal(batch["mask"], torch.tensor([[0.0] * 8 + [1.0] * 3] * 2))
     assert task.eval_batch("200", 1, torch.Generator())["x"].shape[1] == 3 + 200 + 3
+
+
+def test_with_null_blank_the_blank_is_the_zero_vector_and_the_rest_is_unchanged():
+    config = dict(length=3, delay=5, num_symbols=4)
+    embedded = CopyDelay(CopyDelayConfig(**config)).make_batch(2, torch.Generator().manual_seed(0), delay=5)
+    task = CopyDelay(CopyDelayConfig(**config, null_blank=True))
+    null = task.make_batch(2, torch.Generator().manual_seed(0), delay=5)
+    assert task.spec["input_size"] == 5 and torch.equal(null["x"], embedded["x"][..., 1:])
+    assert (null["x"][embedded["x"][..., 0] == 1] == 0).all()  # every blank step reads nothing
+    assert torch.equal(null["y"], embedded["y"])
 
 
 def test_copy_delay_scores_only_the_recall_positions():
@@ -202,5 +212,7 @@ def test_rims_learns_a_short_copy_delay(tmp_path):
         curve = [r["loss"] for r in map(json.loads, f) if "loss" in r]
     assert curve[0] > 0.9  # chance: ln 3 = 1.10 over the 3 symbols
     assert sum(curve[-3:]) / 3 < 0.5 * curve[0]
-    assert set(result["metrics"]) == {"ce@3", "acc@3", "ce@6", "acc@6", "iter", "seconds", "compile_seconds"}
+    metrics = result["metrics"]
+    assert set(metrics) == {"ce@3", "acc@3", "ce@6", "acc@6", "drop@6", "iter", "seconds", "compile_seconds"}
+    assert metrics["drop@6"] == pytest.approx(metrics["acc@3"] - metrics["acc@6"])  # points lost at the longer delay
     assert result["metrics"]["acc@3"] > 60  # chance: 33 %
