@@ -91,6 +91,17 @@ def test_a_finished_seed_is_not_run_again_and_an_interrupted_one_resumes(tiny, t
     assert started == [] and stamps == {s: os.path.getmtime(out / s / "metrics.json") for s in ("s0", "s1")}
 
 
+def test_a_run_folder_made_with_other_settings_is_refused_not_reused(tiny, tmp_path, monkeypatch):
+    argv = json.loads((tmp_path / "out" / "tiny" / "s0" / "argv.json").read_text())
+    assert argv[:4] == ["--model", "ntm", "--task", "copy"] and "--seed" in argv  # what the run was made with
+    changed = Recipe(**{**reproduce.asdict(RECIPE), "flags": {**TINY, "max_iters": 6}})
+    monkeypatch.setattr(reproduce, "RECIPES", {"tiny": changed})
+    before = (tmp_path / "results" / "tiny.json").read_text()
+    with pytest.raises(reproduce.HarnessError, match="was run with other settings.*move it away or delete it"):
+        reproduce.reproduce("tiny", **tiny)
+    assert (tmp_path / "results" / "tiny.json").read_text() == before  # nothing rewritten
+
+
 def test_a_grid_recipe_runs_each_point_with_each_seed(monkeypatch, tmp_path):
     shared = dict(max_iters=2, eval_interval=2, max_len=3, eval_lengths=(2, 4), eval_samples=8, batch_size=2,
                   compile=False, figures=False)
