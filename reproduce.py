@@ -614,6 +614,9 @@ def write_tables(readme="README.md", results_dir="results", docs_dir="docs"):
             if begin in new and end in new:
                 body = runs_table(results[name]) if name in results else (
                     f"Not yet run by the harness: `python reproduce.py {name}`. The earlier measurements below are the record.")
+                if name in results and current(name, results[name])[1]:
+                    body = (f"**Stale:** these runs were made with other settings than the recipe's now; "
+                            f"`python reproduce.py {name}` reruns it.\n\n" + body)
                 new = replace_between(new, begin, end, body)
         if new != text:
             with open(path, "w") as f:

@@ -148,6 +148,9 @@ def test_the_table_is_rendered_from_results_files_and_rewriting_it_changes_nothi
     assert readme.read_text() == first and (docs / "ntm.md").read_text() == page
     reproduce.RECIPES["tiny"] = Recipe(**{**reproduce.asdict(RECIPE), "flags": dict(TINY, max_iters=5)})
     assert "stale" in next(line for line in reproduce.table(tiny["results_dir"]).splitlines() if "`tiny`" in line)
+    assert "**Stale:**" not in page
+    reproduce.write_tables(str(readme), tiny["results_dir"], str(docs))
+    assert (docs / "ntm.md").read_text().count("**Stale:**") == 1  # the per-seed block says so too
 
 
 def test_a_recipe_without_results_gets_a_row_that_says_so(tmp_path, monkeypatch):
