@@ -7,6 +7,7 @@ import json
 import math
 import os
 import struct
+import sys
 
 import pytest
 import torch
@@ -15,6 +16,9 @@ import data
 from data import (CopyDelay, CopyDelayConfig, DataError, SeqMNIST, SeqMNISTConfig,
                   binarise_and_resize, dataset_file, load_mnist, read_idx)
 from train import UserError, main
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+from rims_delay import main as delay_experiment  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,3 +220,27 @@ def test_rims_learns_a_short_copy_delay(tmp_path):
     assert set(metrics) == {"ce@3", "acc@3", "ce@6", "acc@6", "drop@6", "iter", "seconds", "compile_seconds"}
     assert metrics["drop@6"] == pytest.approx(metrics["acc@3"] - metrics["acc@6"])  # points lost at the longer delay
     assert result["metrics"]["acc@3"] > 60  # chance: 33 %
+
+
+def test_rims_delay_reports_which_modules_sleep_through_the_delay(tmp_path, capsys):
+    """With the blank fed as the zero vector every module ties at 0.5 on it, so modules 0-3 update on
+    every delay step and modules 4-5 on none: they are frozen through the delay in every sequence."""
+    out = str(tmp_path / "null")
+    main(["--model", "rims", "--task", "copy_delay", "--out_dir", out, "--length", "2", "--delay", "4",
+          "--eval_delays", "4,9", "--num_symbols", "3", "--eval_samples", "8", "--hidden_size", "24",
+          "--input_value_size", "8", "--batch_size", "4", "--max_iters", "2", "--eval_interval", "2",
+          "--null_blank", "--no-figures"])
+    results = delay_experiment(["--out_dir", out, "--samples", "10", "--batch_size", "4"])
+    for delay in (4, 9):
+        assert [results[f"active@{delay}/m{k}"] for k in range(6)] == [1.0] * 4 + [0.0] * 2
+        assert [results[f"frozen@{delay}/m{k}"] for k in range(6)] == [0.0] * 4 + [1.0] * 2
+        assert 0 <= results[f"acc@{delay}"] <= 100
+    assert json.loads(open(os.path.join(out, "delay.json")).read()) == results
+    out = str(tmp_path / "embedded")  # a blank with its own input: no built-in tie, activity is learned
+    main(["--model", "rims", "--task", "copy_delay", "--out_dir", out, "--length", "2", "--delay", "4",
+          "--eval_delays", "4", "--num_symbols", "3", "--eval_samples", "8", "--hidden_size", "24",
+          "--input_value_size", "8", "--batch_size", "4", "--max_iters", "2", "--eval_interval", "2", "--no-figures"])
+    results = delay_experiment(["--out_dir", out, "--samples", "10", "--delays", "6"])
+    assert sum(results[f"active@6/m{k}"] for k in range(6)) == pytest.approx(4.0)  # k_A = 4 of 6 every step
+    with pytest.raises(UserError, match="--delays"):
+        delay_experiment(["--out_dir", out, "--delays", "x"])
