@@ -757,9 +757,15 @@ def main(argv=None):
     return {"metrics": metrics if master else None, "model": raw_model}
 
 
-if __name__ == "__main__":
+def run_command(main):
+    """Run a command-line main(): a UserError is one line on stderr and exit status 2 (train.py and the
+    experiments/ scripts)."""
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    run_command(main)

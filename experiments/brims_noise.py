@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from brims import BRIMs, BRIMsConfig  # noqa: E402
 from data import TASKS, DataError  # noqa: E402
-from train import UserError, atomic_write, load_checkpoint, text_image, write_png  # noqa: E402
+from train import UserError, atomic_write, load_checkpoint, run_command, text_image, write_png  # noqa: E402
 
 
 def noisy(x, count, generator):
@@ -117,8 +117,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_command(main)

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import TASKS  # noqa: E402
 from rims import RIMs, RIMsConfig  # noqa: E402
-from train import UserError, atomic_write, load_checkpoint  # noqa: E402
+from train import UserError, atomic_write, load_checkpoint, run_command  # noqa: E402
 
 
 @torch.no_grad()
@@ -81,8 +81,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_command(main)
