@@ -64,11 +64,10 @@ class LSTM(nn.Module):
             self.target_embedding = nn.Embedding(c.output_size + 1, c.hidden_size)
         self.lstm = nn.LSTM(c.hidden_size if c.vocab_size else c.input_size, c.hidden_size, c.num_layers, batch_first=True)
         self.output = nn.Linear(c.hidden_size, c.output_size)
-        with torch.no_grad():  # torch's gate order is i, f, g, o: the forget gate is the second quarter
-            for lstm in (self.lstm, getattr(self, "encoder", None)):
-                for name, bias in (lstm.named_parameters() if lstm is not None else ()):
-                    if name.startswith("bias_ih"):
-                        bias[c.hidden_size: 2 * c.hidden_size] += c.forget_bias
+        with torch.no_grad():  # every layer of the LSTM(s); torch's gate order is i, f, g, o: f is the second quarter
+            for name, bias in self.named_parameters():
+                if ".bias_ih_l" in name:
+                    bias[c.hidden_size: 2 * c.hidden_size] += c.forget_bias
 
     def forward(self, x, return_internals=False, teacher_forcing=None, y=None):
         F = self.config.feedback_size

@@ -8,9 +8,10 @@ The idea:
 - The recurrent state is split into k_T modules ("RIMs"), each with its own small LSTM or GRU and
   its own weights: the dynamics of one module never read another module's recurrent weights.
 - Modules compete to read the input (section 2.2). Each module queries two rows, a null input
-  (all zeros) and the real input x_t, embedded so that no real input is the null row. The k_A modules that attend least to the null row are active
-  at this step; the others are not updated at all: they keep h and c exactly, and no gradient
-  passes through the choice (it is a hard top-k on detached scores).
+  (all zeros) and the real input x_t, embedded so that no real input is the null row. The k_A
+  modules that attend least to the null row are active at this step; the others are not updated
+  at all: they keep h and c exactly, and no gradient passes through the choice (it is a hard top-k
+  on detached scores).
 - Active modules run their own cell on what they read (section 2.3), then read from every module
   through multi-head attention (section 2.4) and add the result to their state through a gate.
   Inactive modules can be read, but they receive no gradient through this communication.
@@ -60,9 +61,8 @@ Choices the paper leaves open, and what we do:
 Where the official code (github.com/anirudh9119/RIMs) differs: it builds the k_T cells as one
 dense LSTM of the total size with the off-diagonal blocks of its recurrent matrix zeroed, about k_T
 times the work of grouped weights; its communication uses key and value size 16 (we take 32 from
-the paper's Table 3); its attention maps start
-at 0.01 * N(0, 1) (ours: torch's Linear default; attention_init_std 0.01 gives theirs); and its
-copying loss averages over all positions, not only the recalled ones. (Its input attention also
+the paper's Table 3); its attention maps start at 0.01 * N(0, 1) (ours: torch's Linear default;
+attention_init_std 0.01 gives theirs); and its copying loss averages over all positions, not only the recalled ones. (Its input attention also
 keeps the top-k entries of each attention row; with two rows, [null, input], that changes nothing.)
 
 Reproduce: python train.py --model rims --task copy_delay ; python train.py --model rims --task seqmnist
