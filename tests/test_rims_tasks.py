@@ -236,11 +236,5 @@ def test_rims_delay_reports_which_modules_sleep_through_the_delay(tmp_path, caps
         assert [results[f"frozen@{delay}/m{k}"] for k in range(6)] == [0.0] * 4 + [1.0] * 2
         assert 0 <= results[f"acc@{delay}"] <= 100
     assert json.loads(open(os.path.join(out, "delay.json")).read()) == results
-    out = str(tmp_path / "embedded")  # a blank with its own input: no built-in tie, activity is learned
-    main(["--model", "rims", "--task", "copy_delay", "--out_dir", out, "--length", "2", "--delay", "4",
-          "--eval_delays", "4", "--num_symbols", "3", "--eval_samples", "8", "--hidden_size", "24",
-          "--input_value_size", "8", "--batch_size", "4", "--max_iters", "2", "--eval_interval", "2", "--no-figures"])
-    results = delay_experiment(["--out_dir", out, "--samples", "10", "--delays", "6"])
-    assert sum(results[f"active@6/m{k}"] for k in range(6)) == pytest.approx(4.0)  # k_A = 4 of 6 every step
     with pytest.raises(UserError, match="--delays"):
         delay_experiment(["--out_dir", out, "--delays", "x"])
