@@ -6,13 +6,15 @@ Adam) on a fixed batch shape, timed after warm-up, median over several runs.
     python bench.py --models ntm --tasks copy,associative_recall --batch_sizes 16
     python bench.py --device cuda --modes compiled    # on a GPU, compiled, bf16 autocast
     python bench.py --models rims,lstm --tasks copy_delay --batch_sizes 64 --set hidden_size=600,num_layers=1
+    python bench.py --models lim --tasks mnist_mechanisms --batch_sizes 32 --set identity_iters=0 --data_dir DIR
 
 Prints one row per (model, task, batch size): eager and compiled side by side (ms per step, sequences
 per second, the speed-up and the seconds the first compiled step spent compiling) and, with --json FILE,
 writes one JSON line per mode.
 The shape is the task's `bench_setting` (copy: length-20 sequences, 41 steps). Each model is built
 as train.py builds it for the task (its preset's model fields included); --set overrides model
-fields, for every model that has them (e.g. the same total hidden_size for RIMs and the LSTM).
+fields, for every model that has them (e.g. the same total hidden_size for RIMs and the LSTM; for LIM,
+identity_iters=0 times the adversarial step rather than the identity phase that starts its training).
 """
 
 import argparse
@@ -65,8 +67,8 @@ def time_training(model_name, task_name, batch_size, device, compile_model, warm
 
     def train_step():
         with autocast:
-            logits, _ = model(batch["x"], **model_inputs(task, batch, raw))
-        loss = task.loss(logits, batch)
+            logits, internals = model(batch["x"], **model_inputs(task, batch, raw))
+        loss = internals["loss"] if "loss" in internals else task.loss(logits, batch)  # as train.py
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

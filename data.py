@@ -1590,6 +1590,192 @@ class MNISTTransform(SequenceTask):
             counts = op_rule_counts(batch["op"], internals["rules"], len(TRANSFORMS))[:, :used]
             panels.append(("transformation x rule", counts / counts.sum(1, keepdim=True).clamp(min=1)))
         return panels
+
+
+# ----------------------------------------------------------------------------------------------
+# Learning Independent Causal Mechanisms (Parascandolo et al. 2018, arXiv:1712.00961), section 4: MNIST
+# digits under ten mechanisms, the canonical and the transformed halves unpaired
+
+MECHANISMS = ("up_left", "up", "up_right", "left", "right", "down_left", "down", "down_right", "invert", "noise")
+MECHANISM_LABELS = ("UL", "U", "UR", "L", "R", "DL", "D", "DR", "INV", "NOISE")  # for figures
+
+
+@dataclass
+class MNISTMechanismsConfig:
+    shift: int = 4  # pixels per translation (paper: 4, in the 8 directions; zeros come in)
+    noise_std: float = 0.5  # additive Gaussian noise of variance 0.25, then clamped to [0, 1]
+    train_size: int = 60000  # MNIST training images used: half canonical (X), half transformed (X')
+    eval_samples: int = 500  # test digits, each under every mechanism (10 x as many test images)
+    evaluator_iters: int = 1000  # steps of training the evaluator classifier on X (batch 64, Adam 1e-3)
+
+    def __post_init__(self):
+        _check_positive(self, "shift", "train_size", "eval_samples", "evaluator_iters")
+        if self.shift >= 28 or self.train_size < 2 or self.train_size > 60000 or self.eval_samples > 10000:
+            raise ValueError("need shift < 28, 2 <= train_size <= 60000 and eval_samples <= 10000")
+        if self.noise_std < 0:
+            raise ValueError(f"noise_std must be at least 0, got {self.noise_std}")
+
+
+def apply_mechanisms(images, which, shift, noise_std, generator):
+    """images (N, 1, H, W) in [0, 1], which (N,) indices into MECHANISMS -> the transformed images: a shift
+    by `shift` pixels (zeros come in; up_left moves the content up and left), the contrast inversion 1 - x,
+    or x + N(0, noise_std^2) clamped to [0, 1]."""
+    s = shift
+    padded = F.pad(images, (s, s, s, s))
+    H, W = images.shape[-2:]
+    shifted = {(dy, dx): padded[..., s - dy * s: s - dy * s + H, s - dx * s: s - dx * s + W]  # content moves by (dy, dx) * s
+               for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)}
+    noise = torch.randn(images.shape, generator=generator) * noise_std
+    every = torch.stack([shifted[(-1, -1)], shifted[(-1, 0)], shifted[(-1, 1)], shifted[(0, -1)], shifted[(0, 1)],
+                         shifted[(1, -1)], shifted[(1, 0)], shifted[(1, 1)], 1 - images, (images + noise).clamp(0, 1)])
+    return every[which, torch.arange(len(images))]
+
+
+class DigitClassifier(torch.nn.Module):
+    """The evaluator of Figure 6 (a CNN MNIST classifier): two strided 3 x 3 convolutions and two linear layers."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.net = nn.Sequential(nn.Conv2d(1, 32, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, stride=2, padding=1),
+                                 nn.ReLU(), nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10))
+
+    def forward(self, images):
+        return self.net(images)
+
+
+class MNISTMechanisms:
+    """Unpaired images for learning independent mechanisms. MNIST's training images (the first train_size)
+    are split by a fixed permutation into a canonical half X and a transformed half X'; each image of X'
+    gets one mechanism drawn uniformly from MECHANISMS (and, for noise, its noise), once. A training batch:
+    x, images of X' (B, 1, 28, 28), and real, as many images of X drawn independently. Test: the first
+    eval_samples test digits, each under every mechanism in MECHANISMS order.
+
+    The evaluator of Figure 6 is a classifier (DigitClassifier) trained on X with its labels, which the
+    model never sees, for evaluator_iters steps from a fixed seed, on first use: so every run and seed
+    is scored by the same classifier. Metrics, as fractions: acc_transformed (the classifier on the test
+    images as transformed), acc_inverted (on the winning expert's output), acc_original (on the
+    untransformed digits: the evaluator's own accuracy); from the mechanism x expert counts of winners:
+    owned, the mechanisms whose main expert (the one winning most of their images) wins a majority of
+    them and is the main expert of no other mechanism; purity, the mean share of a mechanism's images its
+    main expert wins; and per mechanism its main expert, its share and acc_inverted."""
+
+    kind = "unpaired"
+    bench_setting = "test"
+    model_inputs = ("real",)
+
+    def __init__(self, config, data_dir=None):
+        self.config = c = config
+        train, train_labels = load_mnist(data_dir, "train")
+        test, test_labels = load_mnist(data_dir, "test")
+        if len(train) < c.train_size or len(test) < c.eval_samples:
+            raise DataError(f"MNIST in {data_dir} has {len(train)} training and {len(test)} test images, fewer "
+                            "than --train_size and --eval_samples ask for: lower them or fix --data_dir")
+        generator = torch.Generator().manual_seed(0)  # the split, the mechanisms of X' and their noise: fixed
+        order = torch.randperm(c.train_size, generator=generator)
+        canonical, transformed = order[: c.train_size // 2], order[c.train_size // 2:]
+        as_float = lambda images: images.float().unsqueeze(1) / 255  # (N, 1, 28, 28) in [0, 1]
+        self.canonical, self.canonical_labels = as_float(train[canonical]), train_labels[canonical]
+        self.mechanism = torch.randint(0, len(MECHANISMS), (len(transformed),), generator=generator)
+        self.transformed = apply_mechanisms(as_float(train[transformed]), self.mechanism, c.shift, c.noise_std, generator)
+        self.test_images, self.test_labels = as_float(test[: c.eval_samples]), test_labels[: c.eval_samples]
+        self.spec = {"kind": self.kind, "image_size": 28, "in_channels": 1}
+        self.eval_settings = {"test": {}}
+        self.eval_cursor = 0
+        self.evaluator = None
+
+    def train_batch(self, batch_size, generator):
+        pick = torch.randint(0, len(self.transformed), (batch_size,), generator=generator)
+        real = torch.randint(0, len(self.canonical), (batch_size,), generator=generator)
+        return {"x": self.transformed[pick], "real": self.canonical[real], "mechanism": self.mechanism[pick]}
+
+    def eval_count(self, setting):
+        return self.config.eval_samples * len(MECHANISMS)
+
+    def eval_batch(self, setting, batch_size, generator):
+        """Test image i is digit i // 10 under mechanism i % 10; train.py asks for consecutive chunks."""
+        start = self.eval_cursor % self.eval_count(setting)
+        self.eval_cursor = start + batch_size
+        index = torch.arange(start, start + batch_size) % self.eval_count(setting)
+        digit, which = index // len(MECHANISMS), index % len(MECHANISMS)
+        original = self.test_images[digit]
+        x = apply_mechanisms(original, which, self.config.shift, self.config.noise_std, generator)
+        # real: digits of P beside them (the model reads real only in training; bench.py times training on this)
+        return {"x": x, "original": original, "real": original, "label": self.test_labels[digit], "mechanism": which}
+
+    def classifier(self):
+        """The evaluator, trained on first use (fixed seed; the training stream is left as it was)."""
+        if self.evaluator is None:
+            with torch.random.fork_rng(devices=[]), torch.enable_grad():  # train.py evaluates under no_grad
+                torch.manual_seed(0)
+                model = DigitClassifier()
+                optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+                generator = torch.Generator().manual_seed(0)
+                for _ in range(self.config.evaluator_iters):
+                    pick = torch.randint(0, len(self.canonical), (64,), generator=generator)
+                    loss = F.cross_entropy(model(self.canonical[pick]), self.canonical_labels[pick])
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+            self.evaluator = model.eval()
+        return self.evaluator
+
+    @torch.no_grad()
+    def metrics(self, outputs, batch, internals):
+        classifier, labels = self.classifier(), batch["label"].cpu()
+        right = lambda images: classifier(images.float().cpu()).argmax(1) == labels
+        mechanism, inverted = batch["mechanism"].cpu(), right(outputs)
+        result = {"acc_transformed": right(batch["x"]).sum().item(), "acc_inverted": inverted.sum().item(),
+                  "acc_original": right(batch["original"]).sum().item(), "count": len(labels),
+                  "mechanism_right": torch.zeros(len(MECHANISMS)).index_add_(0, mechanism, inverted.float()),
+                  "mechanism_count": torch.bincount(mechanism, minlength=len(MECHANISMS)).float()}
+        if "winner" in internals:
+            winner = internals["winner"].cpu()
+            experts = internals["scores"].shape[1]
+            result["win_counts"] = torch.zeros(len(MECHANISMS), experts).index_put_(
+                (mechanism, winner), torch.ones(len(winner)), accumulate=True)
+        return result
+
+    def finish_metrics(self, totals, count):
+        result = {k: totals[k] / count for k in ("acc_transformed", "acc_inverted", "acc_original")}
+        per_mechanism = totals["mechanism_right"] / totals["mechanism_count"].clamp(min=1)
+        if "win_counts" in totals:
+            result.update(mechanism_ownership(totals["win_counts"]))
+        for m, name in enumerate(MECHANISMS):
+            result[f"acc_inverted_{name}"] = float(per_mechanism[m])
+        return result
+
+    def figure_panels(self, outputs, batch, internals):
+        """Figure 8's layout on MNIST: one test digit under each mechanism (columns); the rows: the
+        transformed input, each expert's output on it, the winner's output, the original."""
+        n = len(MECHANISMS)
+        if len(batch["x"]) < n:
+            return []
+        grey = lambda images: _image_row([im.float().expand(3, -1, -1) for im in images[:n]])
+        winners = internals["winner"][:n].tolist() if "winner" in internals else []
+        panels = [("input: " + " ".join(MECHANISM_LABELS), grey(batch["x"]))]
+        if "expert_outputs" in internals:
+            panels += [(f"expert {j}", grey(internals["expert_outputs"][:n, j]))
+                       for j in range(internals["expert_outputs"].shape[1])]
+        panels += [("winner: " + " ".join(str(w) for w in winners), grey(outputs)), ("original", grey(batch["original"]))]
+        return panels
+
+
+def mechanism_ownership(counts):
+    """counts (mechanisms, experts) of the winning expert -> owned, purity and per mechanism its main expert
+    and that expert's share (see MNISTMechanisms)."""
+    totals = counts.sum(1).clamp(min=1)
+    main, wins = counts.argmax(1), counts.max(1).values
+    share = wins / totals
+    owned = [bool(share[m] > 0.5) and int((main == main[m]).sum()) == 1 for m in range(len(counts))]
+    result = {"owned": float(sum(owned)), "purity": float(share.mean())}
+    for m, name in enumerate(MECHANISMS[: len(counts)]):
+        result[f"expert_{name}"] = float(main[m])
+        result[f"share_{name}"] = float(share[m])
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
 # CIFAR-10 from its python tarball: downloaded once, md5-checked, read offline afterwards
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -1703,4 +1889,5 @@ TASKS = {  # name -> (config class, task class)
     "arithmetic": (ArithmeticConfig, Arithmetic),
     "mnist_transform": (MNISTTransformConfig, MNISTTransform),
     "seqcifar": (SeqCIFARConfig, SeqCIFAR),
+    "mnist_mechanisms": (MNISTMechanismsConfig, MNISTMechanisms),
 }

@@ -232,6 +232,13 @@ RECIPES = {
         "seqmnist", flags=dict(BRIMS_SEQMNIST_PROTOCOL, input_vocab=0, num_layers=1), paper="",
         metrics=("val_acc@14", "acc@14", "acc@19", "acc@24"), data="mnist", doc="docs/brims.md",
         note="baseline: a diagnostic variant"),
+    # ---- Learning Independent Causal Mechanisms (Parascandolo et al. 2018)
+    "lim_mnist": Recipe(
+        "competing experts each learn to invert one of ten mechanisms of MNIST, unsupervised (LIM, Figure 6)",
+        "lim", "mnist_mechanisms", paper="the classifier's accuracy on the inverted digits 'quickly approaching the "
+        "optimum' (Fig. 6); one expert per mechanism",
+        metrics=("acc_transformed@test", "acc_inverted@test", "acc_original@test", "owned@test", "purity@test"),
+        targets=(("acc_inverted@test", ">", 0.93), ("owned@test", ">", 8.5)), data="mnist", doc="docs/lim.md"),
     # ---- Neural Production Systems (Goyal, Didolkar et al. 2021)
     "nps_arithmetic": Recipe(
         "NPS gives each operation a rule of its own and extrapolates to longer sequences (NPS, official synthetic task)",

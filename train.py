@@ -43,6 +43,7 @@ from rims import RIMs, RIMsConfig
 from slot_attention import SlotAttention, SlotAttentionConfig
 from universal_transformer import TransformerConfig, UniversalTransformer, UTConfig
 from brims import BRIMs, BRIMsConfig
+from lim import LIM, LIMConfig
 
 # name -> (config class, model class, task kinds it fits, compile on the CPU). Adding a model is one row here.
 # The last column: torch.compile is the default on CUDA for every model and on the CPU for those whose compiled
@@ -61,6 +62,7 @@ MODELS = {
     "rims": ModelEntry(RIMsConfig, RIMs, ("sequence",), True),
     "nps": ModelEntry(NPSConfig, NPS, ("autoregressive", "transform"), False),
     "brims": ModelEntry(BRIMsConfig, BRIMs, ("sequence",), True),
+    "lim": ModelEntry(LIMConfig, LIM, ("unpaired",), False),
 }
 
 # Model fields that model_config_for takes from task.spec (never flags): the data decides them
@@ -140,6 +142,12 @@ PRESETS = {
                                      log_interval=50),
     ("lstm", "mnist_transform"): dict(hidden_size=256, num_layers=1, max_iters=2000, batch_size=64, lr=1e-3,
                                       decay_lr=True, grad_clip=1.0, eval_interval=500, log_interval=50),
+    # LIM paper, section 4 (MNIST), CPU scale: experts of four 3 x 3 layers of 16 channels (paper: five of 32),
+    # a discriminator of 8, 8, 16, 16 channels and a hidden layer of 64 (paper: 1024); batch 32 and Adam 1e-3
+    # as the public code; 200 test digits under each of the ten mechanisms
+    ("lim", "mnist_mechanisms"): dict(expert_layers=4, expert_channels=16, disc_channels=(8, 8, 16, 16), disc_hidden=64,
+                                      identity_iters=150, max_iters=2500, batch_size=32, lr=1e-3, eval_interval=250,
+                                      log_interval=50, eval_samples=200),
     ("lstm", "arithmetic"): dict(hidden_size=64, num_layers=1, max_iters=3000, batch_size=50, lr=1e-3,
                                  decay_lr=True, grad_clip=1.0, eval_interval=1000, log_interval=50),
 }
@@ -453,7 +461,7 @@ def model_inputs(task, batch, model):
     """The keyword tensors beside x that the task hands the model and the model's forward takes
     (e.g. a padding mask; an LSTM has no use for the algorithmic tasks' position offsets)."""
     takes = inspect.signature(model.forward).parameters
-    return {k: batch[k] for k in getattr(task, "model_inputs", ()) if k in takes}
+    return {k: batch[k] for k in getattr(task, "model_inputs", ()) if k in takes and k in batch}
 
 
 def fixed_eval_data(task, chunk):
@@ -669,7 +677,9 @@ def main(argv=None):
     def forward_backward(batch):
         with autocast:
             logits, internals = model(batch["x"], **model_inputs(task, batch, raw_model))
-        loss = task.loss(logits, batch)
+        # the task scores the outputs, except for a model that plays a game of its own (LIM: experts against a
+        # discriminator), which returns its objective as internals["loss"]
+        loss = internals["loss"] if "loss" in internals else task.loss(logits, batch)
         if hasattr(raw_model, "ponder_loss"):  # ACT: + tau * ponder cost, with its gradient
             loss = loss + raw_model.ponder_loss(internals)
         if not torch.isfinite(loss):
