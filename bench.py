@@ -123,6 +123,8 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     device = autodetect_device(args.device)
+    if device == "cpu":
+        torch.set_flush_denormal(True)  # as train.py
     modes = args.modes.split(",")
     if not modes or any(m not in ("eager", "compiled") for m in modes):
         parser.error(f"--modes takes eager, compiled or eager,compiled, got {args.modes!r}")
