@@ -51,6 +51,8 @@ from lim import LIM, LIMConfig
 # off: its number of steps varies with pondering, so training recompiles (1,000 steps of 16-element parity:
 # 14 s eager, 57 s compiled); so do the Transformer and the UT, whose string lengths vary (algo_reverse: 300
 # steps in 71 s eager, 250 in 19 minutes compiled); NPS is slower compiled; the LSTM is one fused nn.LSTM call.
+# LIM is off until its training is tested compiled (its identity and adversarial phases are two different graphs);
+# bench.py measured its adversarial step 1.22x faster compiled.
 ModelEntry = namedtuple("ModelEntry", "config model kinds cpu_compile")
 MODELS = {
     "ntm": ModelEntry(NTMConfig, NTM, ("sequence",), True),
