@@ -1,6 +1,10 @@
 """Learning Independent Causal Mechanisms: the experts, the competition, the mechanisms, the task."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,6 +14,10 @@ import train
 from data import MECHANISMS, MNISTMechanisms, MNISTMechanismsConfig, apply_mechanisms, mechanism_ownership
 from lim import LIM, LIMConfig
 from test_rims_tasks import write_mnist
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import lim_curves  # noqa: E402
 
 
 def tiny(**kw):
@@ -219,12 +227,7 @@ def test_lim_refuses_tasks_it_does_not_fit(tmp_path):
 
 
 def test_lim_file_imports_and_runs_when_copied_alone(tmp_path):
-    import os
-    import shutil
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    shutil.copy(os.path.join(root, "lim.py"), tmp_path / "lim.py")
+    shutil.copy(os.path.join(ROOT, "lim.py"), tmp_path / "lim.py")
     proc = subprocess.run([sys.executable, "lim.py"], cwd=tmp_path, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": ""})
     assert proc.returncode == 0, proc.stderr
@@ -239,3 +242,24 @@ def test_bad_lim_settings_are_refused():
     for bad in (dict(shift=28), dict(noise_std=-0.1), dict(train_size=1), dict(eval_samples=10001)):
         with pytest.raises(ValueError):
             MNISTMechanismsConfig(**bad)
+
+
+def test_lim_curves_draws_figure_6_from_run_logs_and_refuses_a_folder_without_them(tmp_path):
+    run = tmp_path / "s0"
+    run.mkdir()
+    final = {"acc_transformed@test": 0.3, "acc_inverted@test": 0.8, "acc_original@test": 0.99, "owned@test": 5.0,
+             **{f"expert_{m}@test": float(i % 5) for i, m in enumerate(MECHANISMS)},
+             **{f"share_{m}@test": 0.9 for m in MECHANISMS}}
+    with open(run / "log.jsonl", "w") as f:
+        f.write(json.dumps({"iter": 50, "loss": 1.0}) + "\n")
+        for step, inverted in ((250, 0.5), (500, 0.8)):
+            f.write(json.dumps({**final, "iter": step, "acc_inverted@test": inverted}) + "\n")
+    (run / "metrics.json").write_text(json.dumps(final))
+    out = tmp_path / "fig.png"
+    lim_curves.main(["--runs", str(run), "--out", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(train.UserError, match="run it first"):
+        lim_curves.main(["--runs", str(tmp_path / "missing"), "--out", str(tmp_path / "x.png")])
+    with pytest.raises(train.UserError, match="must be a .png"):
+        lim_curves.main(["--runs", str(run), "--out", str(tmp_path / "nowhere" / "x.png")])
+    assert not (tmp_path / "x.png").exists()
