@@ -43,9 +43,11 @@ How it is built, and where the paper is silent:
   a copy of D whose parameters are detached (line 6 trains the experts only). Adam is per parameter,
   so this is two Adams with the same settings run in the same step, both on the D of before the step
   (the paper's loop updates D first). The winners come from the same scores D is trained on.
-- Every expert runs on the whole batch, as in the public code (so batch norm sees the batch), and
-  only the winner's output enters expert_loss, so an expert gets gradient only from images it won.
-  Adam's momentum still moves an expert for a few steps after it stops winning.
+- Every expert runs on the whole batch without gradient (to be scored; batch norm's statistics are per
+  expert over the batch, as in the public code), then each image runs again through its winner only,
+  with gradient, normalised with its expert's statistics of the first pass (constants here). So an
+  expert gets gradient only from the images it won, at the cost of one expert per image. Adam's
+  momentum still moves an expert for a few steps after it stops winning.
 - The expert loss is the non-saturating -log c_j* (line 6 ascends log c_j*), from logits (log-sigmoid).
 - At test time (eval mode) the output for each image is the winner's: the expert D scores highest.
 - On a CPU, call torch.set_flush_denormal(True) before training (train.py does): on MNIST's black
