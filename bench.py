@@ -27,7 +27,7 @@ import torch
 
 from data import TASKS
 from train import (MODELS, PRESETS, autocast_for, autodetect_device, compile_for_training, model_config_for,
-                   model_inputs, split_flags)
+                   model_inputs, objective, split_flags)
 
 
 def parse_settings(text):
@@ -68,7 +68,7 @@ def time_training(model_name, task_name, batch_size, device, compile_model, warm
     def train_step():
         with autocast:
             logits, internals = model(batch["x"], **model_inputs(task, batch, raw))
-        loss = internals["loss"] if "loss" in internals else task.loss(logits, batch)  # as train.py
+        loss = objective(task, logits, internals, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -228,7 +228,8 @@ class LIM(nn.Module):
         else:
             with torch.no_grad():  # every expert on every image, to score them (line 4)
                 outputs, stats = self.experts(x)  # (B, N', c, H, W): E_j(x') for every j
-            scores = self.discriminator(outputs) if train else self.discriminator(outputs).detach()  # (B, N') c_j
+            with torch.set_grad_enabled(train):  # D learns from these scores in training (line 5)
+                scores = self.discriminator(outputs)  # (B, N'): c_j
             winner = scores.detach().argmax(1)  # j* per image
             best = outputs[arange, winner]
             if train:

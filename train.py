@@ -467,6 +467,12 @@ def model_inputs(task, batch, model):
     return {k: batch[k] for k in getattr(task, "model_inputs", ()) if k in takes and k in batch}
 
 
+def objective(task, logits, internals, batch):
+    """The loss to train on: the task's score of the outputs, except for a model that plays a game of its own
+    (LIM: experts against a discriminator), which returns its objective as internals["loss"]."""
+    return internals["loss"] if "loss" in internals else task.loss(logits, batch)
+
+
 def fixed_eval_data(task, chunk):
     """The evaluation batches, {setting: [batches of at most chunk samples]}: generated from the fixed
     seed 1234, the same for every run and every training seed, or the task's own test files."""
@@ -682,9 +688,7 @@ def main(argv=None):
     def forward_backward(batch):
         with autocast:
             logits, internals = model(batch["x"], **model_inputs(task, batch, raw_model))
-        # the task scores the outputs, except for a model that plays a game of its own (LIM: experts against a
-        # discriminator), which returns its objective as internals["loss"]
-        loss = internals["loss"] if "loss" in internals else task.loss(logits, batch)
+        loss = objective(task, logits, internals, batch)
         if hasattr(raw_model, "ponder_loss"):  # ACT: + tau * ponder cost, with its gradient
             loss = loss + raw_model.ponder_loss(internals)
         if not torch.isfinite(loss):

@@ -69,7 +69,6 @@ def test_the_identity_loss_reads_the_transformed_images_not_the_canonical_ones()
     model.train_steps.zero_()
     with torch.no_grad():
         outputs = model.experts(x)[0]
-    model.train_steps.zero_()
     assert model(x, real=x)[1]["loss"].item() == pytest.approx(F.mse_loss(outputs, x.unsqueeze(1).expand_as(outputs)).item(), rel=1e-5)
 
 
