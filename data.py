@@ -187,9 +187,11 @@ class RepeatCopyConfig:
 
 
 class RepeatCopy(SequenceTask):
-    """Input: L random vectors, then one step with the delimiter channel on and the repeat
-    count R (divided by max_repeats) on a second extra channel. Output: the sequence R
-    times, then an end marker on an extra output channel."""
+    """Input: L random vectors, one step with the delimiter channel on, then one step with the
+    repeat count R on a second extra channel, normalised to mean 0 and variance 1 over the
+    training counts (section 4.2: "normalised to have mean zero and variance one"; uniform
+    1..10 gives (R - 5.5) / 2.87). Output: the sequence R times, then an end marker on an extra
+    output channel."""
 
     bench_setting = "10x10"
 
@@ -199,6 +201,10 @@ class RepeatCopy(SequenceTask):
         self.spec = {"kind": self.kind, "input_size": W + 2, "output_size": W + 1}
         self.eval_settings = {s: dict(zip(("length", "repeats"), map(int, s.split("x"))))
                               for s in config.eval_settings}
+        # mean and standard deviation of a count drawn uniformly from min_repeats..max_repeats
+        n = config.max_repeats - config.min_repeats + 1
+        self.count_mean = (config.min_repeats + config.max_repeats) / 2
+        self.count_std = max(((n * n - 1) / 12) ** 0.5, 1.0)  # one training count: leave it unscaled
 
     def sample_train_setting(self, generator):
         c = self.config
@@ -207,17 +213,17 @@ class RepeatCopy(SequenceTask):
 
     def make_batch(self, batch_size, generator, length, repeats):
         W, L, R = self.config.width, length, repeats
-        T = L + 1 + L * R + 1
+        T = L + 2 + L * R + 1
         bits = _bits((batch_size, L, W), generator)
         x = torch.zeros(batch_size, T, W + 2)
         x[:, :L, :W] = bits
         x[:, L, W] = 1.0  # delimiter
-        x[:, L, W + 1] = R / self.config.max_repeats  # how many copies
+        x[:, L + 1, W + 1] = (R - self.count_mean) / self.count_std  # how many copies, on its own step
         y = torch.zeros(batch_size, T, W + 1)
-        y[:, L + 1: L + 1 + L * R, :W] = bits.repeat(1, R, 1)
+        y[:, L + 2: L + 2 + L * R, :W] = bits.repeat(1, R, 1)
         y[:, T - 1, W] = 1.0  # end marker
         mask = torch.zeros(batch_size, T)
-        mask[:, L + 1:] = 1.0
+        mask[:, L + 2:] = 1.0
         return {"x": x, "y": y, "mask": mask}
 
 

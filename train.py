@@ -81,7 +81,8 @@ FLAGGABLE = ("input_vocab",)
 PRESETS = {
     ("ntm", "copy"): dict(max_iters=5000, batch_size=32, lr=1e-3),
     ("lstm", "copy"): dict(max_iters=5000, batch_size=32, lr=1e-3),
-    ("ntm", "repeat_copy"): dict(max_iters=5000, batch_size=32, lr=1e-3),
+    # NTM paper, section 4.2: a public port converges after 30-40k updates; 20k here (docs/ntm.md)
+    ("ntm", "repeat_copy"): dict(max_iters=20000, batch_size=32, lr=1e-3, eval_interval=1000, log_interval=50),
     ("ntm", "associative_recall"): dict(max_iters=5000, batch_size=32, lr=1e-3),
     ("act", "parity"): dict(max_iters=50000, batch_size=128, lr=1e-3, eval_interval=2500, log_interval=50),
     # ACT paper, section 3.3: one LSTM layer of 512 cells, batch 32, at most M = 20 ponder steps
@@ -324,6 +325,37 @@ def text_image(text, scale=2, width=None):
     width = width or image.shape[1]
     pad = torch.full((image.shape[0], max(0, width - image.shape[1]), 3), 96, dtype=torch.uint8)
     return torch.cat([image, pad], dim=1)[:, :width]
+
+
+def line_chart(xs, series, width=300, height=180, pad=8, top=1.0, bands=()):
+    """Lines over xs on a fixed y range [0, top] (grid lines at quarters), x from 0 to max(xs): uint8 (H, W, 3).
+    series: (ys, rgb) pairs, values clipped to the range; bands: (lows, highs, rgb) pairs filled first, lighter."""
+    plot = torch.full((height, width, 3), 255, dtype=torch.uint8)
+    to_x = lambda v: pad + round(v / (max(xs) or 1) * (width - 2 * pad - 1))
+    to_y = lambda v: height - 1 - pad - round(min(max(v / top, 0.0), 1.0) * (height - 2 * pad - 1))
+    for level in (0.25, 0.5, 0.75, 1.0):
+        plot[to_y(level * top), pad:width - pad] = 215
+    for lows, highs, color in bands:
+        light = (255 - (255 - torch.tensor(color, dtype=torch.float32)) * 0.3).to(torch.uint8)
+        columns = [(to_x(x), to_y(high), to_y(low)) for x, low, high in zip(xs, lows, highs)]
+        for (x0, t0, b0), (x1, t1, b1) in zip(columns, columns[1:]):
+            for x in range(x0, x1 + 1):
+                f = (x - x0) / max(x1 - x0, 1)
+                plot[round(t0 + (t1 - t0) * f):round(b0 + (b1 - b0) * f) + 1, x] = light
+    for ys, color in series:
+        color = torch.tensor(color, dtype=torch.uint8)
+        points = [(to_x(x), to_y(y)) for x, y in zip(xs, ys)]
+        for (x0, y0), (x1, y1) in zip(points, points[1:]):
+            steps = max(abs(x1 - x0), abs(y1 - y0), 1)
+            for i in range(steps + 1):
+                y, x = round(y0 + (y1 - y0) * i / steps), round(x0 + (x1 - x0) * i / steps)
+                plot[y - 1:y + 1, x] = color
+        if len(points) <= 40:  # mark the points of a sparse series
+            for x, y in points:
+                plot[max(0, y - 2):y + 3, max(0, x - 2):x + 3] = color
+    plot[-1, :] = 0
+    plot[:, 0] = 0
+    return plot
 
 
 def draw_panels(path, panels, max_width=1200, max_height=1600):

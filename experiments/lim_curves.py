@@ -20,32 +20,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import MECHANISM_LABELS, MECHANISMS  # noqa: E402
-from train import UserError, heatmap, run_command, text_image, write_png  # noqa: E402
+from train import UserError, heatmap, line_chart, run_command, text_image, write_png  # noqa: E402
 
 SERIES = (("acc_original@test", "ORIGINAL", (60, 150, 60)), ("acc_inverted@test", "AFTER WINNING EXPERT", (200, 60, 40)),
           ("acc_transformed@test", "TRANSFORMED", (70, 110, 190)))
-
-
-def line_chart(xs, series, width=300, height=180, pad=8):
-    """Lines on a fixed y range [0, 1] (grid lines at 0.25 steps), x from 0 to max(xs): uint8 (H, W, 3)."""
-    plot = torch.full((height, width, 3), 255, dtype=torch.uint8)
-    to_x = lambda v: pad + round(v / (max(xs) or 1) * (width - 2 * pad - 1))
-    to_y = lambda v: height - 1 - pad - round(min(max(v, 0.0), 1.0) * (height - 2 * pad - 1))
-    for level in (0.25, 0.5, 0.75, 1.0):
-        plot[to_y(level), pad:width - pad] = 215
-    for ys, color in series:
-        color = torch.tensor(color, dtype=torch.uint8)
-        points = [(to_x(x), to_y(y)) for x, y in zip(xs, ys)]
-        for (x0, y0), (x1, y1) in zip(points, points[1:]):
-            steps = max(abs(x1 - x0), abs(y1 - y0), 1)
-            for i in range(steps + 1):
-                y, x = round(y0 + (y1 - y0) * i / steps), round(x0 + (x1 - x0) * i / steps)
-                plot[y - 1:y + 1, x] = color
-        for x, y in points:
-            plot[max(0, y - 2):y + 3, max(0, x - 2):x + 3] = color
-    plot[-1, :] = 0
-    plot[:, 0] = 0
-    return plot
 
 
 def run_panel(run, width=300):

@@ -36,13 +36,28 @@ def test_repeat_copy_repeats_the_sequence_then_marks_the_end():
     task = RepeatCopy(RepeatCopyConfig())
     batch = task.make_batch(2, gen(), length=3, repeats=4)
     x, y, mask = batch["x"], batch["y"], batch["mask"]
-    assert x.shape == (2, 3 + 1 + 12 + 1, 10) and y.shape == (2, 17, 9)
-    assert torch.allclose(x[:, 3, 9], torch.tensor(0.4))  # repeat count 4, divided by max_repeats 10
+    assert x.shape == (2, 3 + 2 + 12 + 1, 10) and y.shape == (2, 18, 9)
+    assert (x[:, 3, 8] == 1).all() and x[:, 3, 9].abs().sum() == 0  # the delimiter step holds no count
+    assert torch.allclose(x[:, 4, 9], torch.tensor((4 - 5.5) / 8.25 ** 0.5))  # the count on its own step
+    assert x[:, 4, :9].abs().sum() == 0 and x[:, 5:].abs().sum() == 0
     for r in range(4):
-        assert torch.equal(y[:, 4 + 3 * r: 7 + 3 * r, :8], x[:, :3, :8])
+        assert torch.equal(y[:, 5 + 3 * r: 8 + 3 * r, :8], x[:, :3, :8])
     assert (y[:, -1, 8] == 1).all() and y[:, :-1, 8].sum() == 0  # end marker only at the last step
-    assert mask.sum() == 2 * 13
+    assert mask.sum() == 2 * 13 and mask[:, :5].sum() == 0
     assert task.eval_settings["10x20"] == {"length": 10, "repeats": 20}
+
+
+def test_repeat_count_channel_has_mean_0_and_variance_1_over_training_counts():
+    task = RepeatCopy(RepeatCopyConfig())
+    g = gen()
+    counts = []
+    for _ in range(4000):
+        setting = task.sample_train_setting(g)
+        x = task.make_batch(1, g, **setting)["x"]
+        counts.append(x[0, setting["length"] + 1, 9].item())
+    counts = torch.tensor(counts)
+    assert abs(counts.mean()) < 0.05 and abs(counts.var() - 1) < 0.05
+    assert len(set(counts.tolist())) == 10  # ten distinct counts
 
 
 def test_associative_recall_answers_with_the_item_after_the_query():

@@ -116,3 +116,4 @@ def test_bad_config_is_refused():
         NTMConfig(controller="gru")
     with pytest.raises(ValueError, match="memory_size"):
         NTMConfig(memory_size=0)
+

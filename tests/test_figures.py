@@ -1,0 +1,57 @@
+"""The figure scripts of experiments/ and train.py's chart helper, on hand-made run folders."""
+
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+import train
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+import ntm_curves  # noqa: E402
+
+
+def copy_run_fixture(folder, model, losses, errors, batch_size=32):
+    """A train.py copy run folder as ntm_curves reads it: log.jsonl and a checkpoint with the configs."""
+    folder.mkdir(parents=True)
+    torch.save({"model_name": model, "task_name": "copy", "task_config": {"width": 8, "min_len": 1, "max_len": 20},
+                "train_config": {"batch_size": batch_size}}, folder / "ckpt.pt")
+    with open(folder / "log.jsonl", "w") as f:
+        for i, loss in enumerate(losses):
+            f.write(json.dumps({"iter": 10 * (i + 1), "loss": loss}) + "\n")
+        for i, err in enumerate(errors):
+            f.write(json.dumps({"iter": 20 * (i + 1), "bit_err@val20": err, "bit_err@20": err}) + "\n")
+
+
+def test_ntm_curves_turns_per_bit_losses_into_bits_per_sequence_and_draws_figure_3(tmp_path):
+    for s, scale in enumerate((1.0, 0.5)):
+        copy_run_fixture(tmp_path / "ntm" / f"s{s}", "ntm", [math.log(2) * scale, 0.01], [10.0 * scale, 1.0])
+        copy_run_fixture(tmp_path / "lstm" / f"s{s}", "lstm", [math.log(2), 0.3], [60.0, 40.0])
+    xs, cost, eval_xs, errors = ntm_curves.read_runs(str(tmp_path / "ntm"), "ntm")[1]
+    assert xs == [0.32, 0.64] and eval_xs == [0.64, 1.28] and errors == [5.0, 1.0]
+    assert cost[0] == pytest.approx(0.5 * 8 * 10.5)  # half a bit per target bit x 8 bits x mean length 10.5
+    assert ntm_curves.smooth([1.0, 3.0, 5.0], 2) == [1.0, 2.0, 4.0]
+    assert ntm_curves.spread([[1.0, 2.0], [3.0, 4.0, 9.0]]) == ([2.0, 3.0], [1.0, 2.0], [3.0, 4.0])
+    out = tmp_path / "fig.png"
+    ntm_curves.main(["--ntm", str(tmp_path / "ntm"), "--lstm", str(tmp_path / "lstm"), "--out", str(out), "--smooth", "1"])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(train.UserError, match="no seed folders"):
+        ntm_curves.main(["--ntm", str(tmp_path / "none"), "--lstm", str(tmp_path / "lstm"), "--out", str(tmp_path / "x.png")])
+    with pytest.raises(train.UserError, match="must be a .png"):
+        ntm_curves.main(["--ntm", str(tmp_path / "ntm"), "--lstm", str(tmp_path / "lstm"), "--out", str(tmp_path / "no" / "x.png")])
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_line_chart_draws_bands_under_lines_and_clips_to_its_range():
+    xs = [0, 1, 2]
+    plot = train.line_chart(xs, [([0.5, 0.5, 0.5], (200, 0, 0))], width=50, height=40, pad=5,
+                            bands=[([0.0, 0.0, 0.0], [1.0, 1.0, 1.0], (0, 0, 200))], top=1.0)
+    assert plot.shape == (40, 50, 3)
+    middle = plot[:, 25]
+    assert (middle == torch.tensor([200, 0, 0], dtype=torch.uint8)).all(-1).any()  # the line
+    assert (middle == torch.tensor([178, 178, 238], dtype=torch.uint8)).all(-1).sum() > 20  # the lighter band
+    clipped = train.line_chart(xs, [([5.0, 5.0, 5.0], (200, 0, 0))], width=50, height=40, pad=5, top=1.0)
+    assert (clipped[5, 10:40] == torch.tensor([200, 0, 0], dtype=torch.uint8)).all()  # at the top edge, not outside
