@@ -82,7 +82,7 @@ PRESETS = {
     ("ntm", "copy"): dict(max_iters=5000, batch_size=32, lr=1e-3),
     ("lstm", "copy"): dict(max_iters=5000, batch_size=32, lr=1e-3),
     # NTM paper, section 4.2: a public port converges after 30-40k updates; 20k here (docs/ntm.md)
-    ("ntm", "repeat_copy"): dict(max_iters=20000, batch_size=32, lr=1e-3, eval_interval=1000, log_interval=50),
+    ("ntm", "repeat_copy"): dict(max_iters=20000, batch_size=32, lr=1e-3, eval_interval=2500, log_interval=50),
     ("ntm", "associative_recall"): dict(max_iters=5000, batch_size=32, lr=1e-3),
     ("act", "parity"): dict(max_iters=50000, batch_size=128, lr=1e-3, eval_interval=2500, log_interval=50),
     # ACT paper, section 3.3: one LSTM layer of 512 cells, batch 32, at most M = 20 ponder steps
