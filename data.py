@@ -898,6 +898,9 @@ class SpritesConfig:
     max_objects: int = 5
     background: str = "black"  # black, grey, or colour (a random dull colour per image)
     min_visible: float = 0.3  # every object keeps at least this fraction of its area visible
+    distinct_colours: bool = True  # no two objects of a scene share a colour (False: drawn with replacement,
+    #                                so a grouping by colour alone would merge objects)
+    signed: bool = True  # pixels in [-1, 1] as the official code feeds them (False: [0, 1])
     eval_samples: int = 320  # test images (the metrics are means over them)
 
     def __post_init__(self):
@@ -909,6 +912,9 @@ class SpritesConfig:
             raise ValueError(f"background must be one of {', '.join(BACKGROUNDS)}, got {self.background!r}")
         if not 0 < self.min_visible <= 1:
             raise ValueError(f"min_visible must be in (0, 1], got {self.min_visible}")
+        if self.distinct_colours and self.max_objects > len(PALETTE):
+            raise ValueError(f"distinct colours allow at most {len(PALETTE)} objects, got max_objects {self.max_objects}: "
+                             "lower it or pass --no-distinct_colours")
         _check_positive(self, "eval_samples")
 
 
@@ -917,11 +923,13 @@ def _uniform(generator, low=0.0, high=1.0):
 
 
 class Sprites:
-    """Object discovery. x: images (B, 3, H, W) in [0, 1]; segmentation (B, H, W) int64, 0 for the
+    """Object discovery. x: images (B, 3, H, W) in [-1, 1] (signed; else [0, 1]); segmentation (B, H, W) int64, 0 for the
     background and i for the i-th object drawn (painter's order: higher i on top); per object
     (M = max_objects, zero-padded): exists (B, M), position (B, M, 2) centre (x, y) in [0, 1] of the
     image side, shape, colour, size (B, M) class indices, angle (B, M) radians.
-    Metrics (x100 where a percentage): fg_ari, ari, mse."""
+    Metrics (x100 where a percentage): fg_ari, ari, mbo (mean best overlap), mse; and what no learning
+    scores on the same scenes: fg_ari and mbo of a fixed grid of K cells (grid_*) and of K horizontal
+    stripes (stripes_*), K = the model's number of slots."""
 
     kind = "image"
     bench_setting = "test"
@@ -944,8 +952,10 @@ class Sprites:
         count = _randint(c.min_objects, c.max_objects, generator)
         while True:  # rejection: every object keeps min_visible of its area and at least 4 pixels
             objects, masks = [], []
-            for _ in range(count):
-                shape, colour, size = (_randint(0, len(SHAPES) - 1, generator), _randint(0, len(PALETTE) - 1, generator),
+            colours = torch.randperm(len(PALETTE), generator=generator)[:count].tolist() if c.distinct_colours else None
+            for o in range(count):
+                shape, colour, size = (_randint(0, len(SHAPES) - 1, generator),
+                                       colours[o] if colours else _randint(0, len(PALETTE) - 1, generator),
                                        _randint(0, len(SIZES) - 1, generator))
                 radius = SIZES[size] * S
                 cx, cy = _uniform(generator, radius, S - radius), _uniform(generator, radius, S - radius)
@@ -970,7 +980,11 @@ class Sprites:
         image = background.view(3, 1, 1).expand(3, S, S).clone()
         for i, (shape, colour, *_rest) in enumerate(objects):
             image[:, segmentation == i + 1] = PALETTE[colour].unsqueeze(1)
-        return image, segmentation, objects
+        return (2 * image - 1 if c.signed else image), segmentation, objects
+
+    def to_display(self, images):
+        """Task pixels -> [0, 1] for figures."""
+        return ((images + 1) / 2 if self.config.signed else images).clamp(0, 1)
 
     def make_batch(self, batch_size, generator):
         c, S, M = self.config, self.config.image_size, self.config.max_objects
@@ -993,23 +1007,30 @@ class Sprites:
         return F.mse_loss(reconstruction.float(), batch["x"])
 
     def metrics(self, reconstruction, batch, internals):
-        """Sums over the batch: FG-ARI and ARI (x100) of the argmax of the alpha masks, and the MSE."""
+        """Sums over the batch: FG-ARI, ARI and mBO (x100) of the argmax of the alpha masks, the MSE, and
+        FG-ARI and mBO of the two fixed partitions into as many cells as there are slots."""
         predicted = internals["masks"].argmax(dim=1)  # (B, H, W): each pixel's slot
         true = batch["segmentation"]
         mse = ((reconstruction.float() - batch["x"]) ** 2).flatten(1).mean(1)
-        return {"fg_ari": 100 * adjusted_rand_index(true, predicted, true > 0).sum().item(),
-                "ari": 100 * adjusted_rand_index(true, predicted).sum().item(),
-                "mse": mse.sum().item(), "count": true.shape[0]}
+        result = {"fg_ari": 100 * adjusted_rand_index(true, predicted, true > 0).sum().item(),
+                  "ari": 100 * adjusted_rand_index(true, predicted).sum().item(),
+                  "mbo": 100 * mean_best_overlap(true, predicted).sum().item(),
+                  "mse": mse.sum().item(), "count": true.shape[0]}
+        for name, partition in fixed_partitions(internals["masks"].shape[1], true.shape[-1]).items():
+            partition = partition.to(true.device).expand_as(true)
+            result[f"{name}_fg_ari"] = 100 * adjusted_rand_index(true, partition, true > 0).sum().item()
+            result[f"{name}_mbo"] = 100 * mean_best_overlap(true, partition).sum().item()
+        return result
 
     def figure_panels(self, reconstruction, batch, internals, images=4):
         """Paper Fig. 2: per test image, input | reconstruction | each slot's masked reconstruction;
         then each slot's attention at every iteration (white = 1). RGB panels (H, W, 3) in [0, 1]."""
         panels = []
         for b in range(min(images, len(batch["x"]))):
-            row = [batch["x"][b], reconstruction[b].float().clamp(0, 1)]
+            row = [self.to_display(batch["x"][b]), self.to_display(reconstruction[b].float())]
             if "slot_rgb" in internals:  # each slot: rgb * alpha on white where alpha is low
                 masks = internals["masks"][b].unsqueeze(1)  # (K, 1, H, W)
-                row += list((internals["slot_rgb"][b].float().clamp(0, 1) * masks + (1 - masks)))
+                row += list((self.to_display(internals["slot_rgb"][b].float()) * masks + (1 - masks)))
             panels.append((f"image {b}: input, reconstruction, slots", _image_row(row)))
             if "attention" in internals:
                 attention = internals["attention"][b].float()  # (T, K, h, w)
@@ -1052,6 +1073,34 @@ def adjusted_rand_index(true, predicted, include=None):
     denominator = maximum - expected
     ari = (index - expected) / torch.where(denominator > 0, denominator, torch.ones_like(denominator))
     return torch.where(denominator > 0, ari, torch.ones_like(ari)).float()
+
+
+def mean_best_overlap(true, predicted):
+    """Mean best overlap (mBO; Pont-Tuset et al. 2017, as used for object discovery): for each object
+    of an image (labels >= 1 of true; the background does not count) the best intersection over union
+    with any predicted segment, averaged over the image's objects. true, predicted: (B, H, W) int64.
+    Returns (B,) in [0, 1]; an image without objects scores 1."""
+    B = true.shape[0]
+    true, predicted = true.reshape(B, -1), predicted.reshape(B, -1)
+    n_true, n_pred = int(true.max()) + 1, int(predicted.max()) + 1
+    table = torch.zeros(B, n_true * n_pred, dtype=torch.float64)
+    table.scatter_add_(1, true * n_pred + predicted, torch.ones_like(true, dtype=torch.float64))
+    table = table.view(B, n_true, n_pred)  # intersections
+    union = table.sum(2, keepdim=True) + table.sum(1, keepdim=True) - table
+    best = (table / union.clamp(min=1)).amax(2)[:, 1:]  # (B, objects)
+    present = table.sum(2)[:, 1:] > 0
+    objects = present.sum(1)
+    return torch.where(objects > 0, (best * present).sum(1) / objects.clamp(min=1), torch.ones(B, dtype=torch.float64)).float()
+
+
+def fixed_partitions(k, size):
+    """What no learning scores: a partition of a size x size image into k cells that ignores the image.
+    "grid": rows x cols cells with rows * cols = k, as square as possible (k = 6: 3 rows x 2 columns);
+    "stripes": k horizontal bands. Each is (size, size) int64 of cell indices."""
+    rows = next(r for r in range(math.isqrt(k), 0, -1) if k % r == 0)
+    rows = max(rows, k // rows)
+    y = torch.arange(size).view(size, 1).expand(size, size)
+    return {"grid": (y * rows // size) * (k // rows) + y.T * (k // rows) // size, "stripes": y * k // size}
 
 
 def hungarian(cost):
@@ -1166,10 +1215,11 @@ class SpritesSets(Sprites):
         return result | {"count": count}
 
     def average_precision(self, predictions, batch, threshold):
-        """The official CLEVR set-prediction AP: all predictions of all images, by descending
-        confidence; each is a true positive if it matches a not yet claimed object of its image
-        (same classes, closest centre within the threshold); AP = area under the precision-recall
-        curve with precision made monotone (VOC style)."""
+        """The official CLEVR set-prediction AP (slot_attention set_prediction/utils.py): all predictions
+        of all images, by descending confidence; each is matched to the nearest object of its image with
+        the same classes, claimed or not; it is a true positive if that distance is below the threshold
+        (strictly) and the object is not yet claimed (it then claims it), else a false positive; AP = area
+        under the precision-recall curve with precision made monotone (VOC style)."""
         B, K, _ = predictions.shape
         offset, classes = 2, []
         for name, k in self.fields:
@@ -1180,16 +1230,18 @@ class SpritesSets(Sprites):
         for (name, _), predicted in zip(self.fields, classes):
             same &= predicted.unsqueeze(2) == batch[name].cpu().unsqueeze(1)
         distance = 6 * torch.cdist(predictions[..., :2], batch["position"].cpu())  # (B, K, M), units of 1/6 side
-        candidate = same & (batch["exists"].cpu() > 0).unsqueeze(1) & (distance <= threshold)
+        candidate = same & (batch["exists"].cpu() > 0).unsqueeze(1)
+        nearest_distance, nearest = torch.where(candidate, distance, torch.full_like(distance, math.inf)).min(2)
         order = confidence.flatten().argsort(descending=True).tolist()
         claimed = torch.zeros(B, batch["exists"].shape[1], dtype=torch.bool)
         hits = []
         for index in order:
             b, k = divmod(index, K)
-            free = candidate[b, k] & ~claimed[b]
-            if free.any():
-                claimed[b, int(torch.where(free, distance[b, k], torch.full_like(distance[b, k], math.inf)).argmin())] = True
-            hits.append(bool(free.any()))
+            d, j = float(nearest_distance[b, k]), int(nearest[b, k])
+            hit = d < threshold and not claimed[b, j]  # no same-class object: d = inf, never a hit
+            if hit:
+                claimed[b, j] = True
+            hits.append(hit)
         hits = torch.tensor(hits, dtype=torch.float64)
         true_positives = hits.cumsum(0)
         precision = true_positives / torch.arange(1, len(hits) + 1)
@@ -1204,7 +1256,7 @@ class SpritesSets(Sprites):
         """Per test image: the input and each slot's last attention map."""
         panels = []
         for b in range(min(images, len(batch["x"]))):
-            row = [batch["x"][b]]
+            row = [self.to_display(batch["x"][b])]
             if "attention" in internals:
                 attention = internals["attention"][b, -1].float()  # (K, h, w)
                 up = self.config.image_size // attention.shape[-1]

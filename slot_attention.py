@@ -41,6 +41,9 @@ Choices the paper leaves open, and what we do:
   sample slots = mu + exp(log sigma) * noise (several public ports miss this). Both start
   Xavier-uniform as in the official code (glorot uniform on a (1, 1, D) tensor), but PyTorch counts
   the fans of that shape differently: our bound is sqrt(3 / D), TF's sqrt(6 / (1 + D)).
+- Inputs: the task feeds pixels in [-1, 1], as the official code does. official_init = True gives the
+  official code's (Keras) initialisation, glorot uniform with zero biases and an orthogonal GRU
+  recurrent matrix (keras_init_); the default keeps PyTorch's.
 - Evaluation samples the initial slots as training does (as the official code does), so two
   evaluations of one checkpoint differ slightly.
 - implicit_grad (Chang et al. 2022, "Object Representations as Fixed Points", arXiv:2207.00787):
@@ -87,6 +90,8 @@ class SlotAttentionConfig:
     #                             smaller: stride-2 transposed convolutions upsample (CLEVR style)
     epsilon: float = 1e-8  # Algorithm 1: attn + eps before the weighted mean
     implicit_grad: bool = False  # Chang et al. 2022: differentiate only the last iteration
+    official_init: bool = False  # the official (Keras) init: glorot uniform weights, zero biases, orthogonal
+    #                              GRU recurrent weights (False: PyTorch's defaults)
 
     def __post_init__(self):
         for name in ("image_size", "in_channels", "num_slots", "num_iterations", "slot_size",
@@ -195,10 +200,27 @@ class SoftPositionEmbed(nn.Module):
         return features + self.project(self.grid)
 
 
+def keras_init_(model):
+    """The official code's initialisation (Keras defaults; not in the paper): every dense and conv kernel
+    glorot uniform, every bias zero, the GRU's input kernel glorot uniform and its recurrent kernel
+    orthogonal. The fans of a conv kernel and of a GRU matrix count the same in torch and Keras; mu and
+    log sigma keep their init (see the header)."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.GRUCell):  # Keras GRU: kernel glorot, recurrent_kernel orthogonal, bias zeros
+            nn.init.xavier_uniform_(m.weight_ih)
+            nn.init.orthogonal_(m.weight_hh)
+            nn.init.zeros_(m.bias_ih)
+            nn.init.zeros_(m.bias_hh)
+
+
 class SlotAttention(nn.Module):
     """Object discovery autoencoder (output_size = 0) or set prediction network (output_size > 0).
 
-    forward(x (B, C, H, W) in [0, 1]) -> (output, internals):
+    forward(x (B, C, H, W), in [-1, 1] as the official code feeds it) -> (output, internals):
       discovery:      output = reconstruction (B, C, H, W); internals["masks"] (B, K, H, W) always;
                       with return_internals also "attention" (B, T, K, h, w) per iteration, "slot_rgb"
                       (B, K, C, H, W) and "masks_per_iteration" (B, T, K, H, W) (each iteration's
@@ -243,6 +265,8 @@ class SlotAttention(nn.Module):
                 channels = c.decoder_channels
             layers.append(nn.Conv2d(channels, c.in_channels + 1, 3, 1, 1))  # Table 5: 3 x 3, RGB + alpha
             self.decoder = nn.Sequential(*layers)
+        if c.official_init:
+            keras_init_(self)
 
     def encode(self, x):
         """(B, C, H, W) -> inputs (B, N, D) for Slot Attention."""

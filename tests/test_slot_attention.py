@@ -214,8 +214,10 @@ def test_train_py_runs_object_discovery_and_draws_the_slots_and_attention(tmp_pa
     out = tmp_path / "sprites"
     result = train.main(["--model", "slot_attention", "--task", "sprites", "--out_dir", str(out),
                          "--max_iters", "4", *TINY])
-    assert set(result["metrics"]) == {"fg_ari@test", "ari@test", "mse@test", "iter", "seconds", "compile_seconds"}
-    assert -100 <= result["metrics"]["fg_ari@test"] <= 100
+    assert set(result["metrics"]) == {"fg_ari@test", "ari@test", "mbo@test", "mse@test", "grid_fg_ari@test",
+                                      "grid_mbo@test", "stripes_fg_ari@test", "stripes_mbo@test", "iter", "seconds",
+                                      "compile_seconds"}
+    assert -100 <= result["metrics"]["fg_ari@test"] <= 100 and 0 <= result["metrics"]["mbo@test"] <= 100
     png = (out / "outputs_test.png").read_bytes()
     assert png.startswith(b"\x89PNG") and not (out / "internals_test.png").exists()  # no per-time panel
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
@@ -253,6 +255,12 @@ def test_the_paper_scale_command_builds_the_papers_model(tmp_path):
     model = result["model"]
     assert model.config.image_size == 64 and model.decoder_init_size == 64 and model.feature_size == 64
     assert sum(p.numel() for p in model.parameters()) > 0
+    # the set-prediction command of docs/slot_attention.md (the official schedule): its flags parse and build
+    result = train.main(["--model", "slot_attention", "--task", "sprites_sets", "--out_dir", str(tmp_path / "sets"),
+                         "--num_slots", "10", "--max_objects", "10", "--no-distinct_colours", "--image_size", "128",
+                         "--batch_size", "512", "--max_iters", "0", "--lr", "4e-4", "--warmup_iters", "1000",
+                         "--lr_half_life", "50000", "--grad_clip", "0", "--eval_samples", "1", "--no-figures"])
+    assert result["model"].config.num_slots == 10 and result["model"].config.output_size == 2 + 4 + 8 + 3 + 1
 
 
 def test_bench_times_slot_attention_on_sprites():
@@ -273,3 +281,21 @@ def test_bad_image_settings_are_refused_before_anything_is_written(tmp_path, fla
     with pytest.raises(train.UserError, match=message):
         train.main(["--model", "slot_attention", "--out_dir", str(out), *flags])
     assert not out.exists()
+
+
+def test_official_init_is_glorot_uniform_with_zero_biases_and_an_orthogonal_gru_recurrent_matrix():
+    torch.manual_seed(0)
+    model = SlotAttention(SlotAttentionConfig(image_size=16, num_slots=3, encoder_stride_layers=1,
+                                              decoder_init_size=8, official_init=True))
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+            fan_in, fan_out = torch.nn.init._calculate_fan_in_and_fan_out(m.weight)
+            assert m.weight.abs().max() <= (6 / (fan_in + fan_out)) ** 0.5
+            assert m.weight.abs().max() > 0.8 * (6 / (fan_in + fan_out)) ** 0.5  # uniform up to the bound
+            assert m.bias is None or not m.bias.any()
+    gru = model.slot_attention.gru
+    D = gru.hidden_size
+    assert torch.allclose(gru.weight_hh.T @ gru.weight_hh, torch.eye(D), atol=1e-5)  # orthonormal columns
+    assert not gru.bias_ih.any() and not gru.bias_hh.any()
+    default = SlotAttention(SlotAttentionConfig(image_size=16, num_slots=3, encoder_stride_layers=1, decoder_init_size=8))
+    assert default.slot_attention.gru.bias_ih.any()  # PyTorch's default init is kept otherwise

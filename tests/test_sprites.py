@@ -1,4 +1,4 @@
-"""The sprites tasks of data.py: the scene generator, FG-ARI / ARI, the Hungarian solver and set-prediction AP."""
+"""The sprites tasks of data.py: the scene generator, FG-ARI / ARI / mBO and the fixed baselines, the Hungarian solver and set-prediction AP."""
 
 import itertools
 import math
@@ -6,8 +6,10 @@ import math
 import pytest
 import torch
 
-from data import (PALETTE, SHAPES, SIZES, Sprites, SpritesConfig, SpritesSets, adjusted_rand_index, hungarian,
-                  shape_mask)
+import torch.nn.functional as F
+
+from data import (PALETTE, SHAPES, SIZES, Sprites, SpritesConfig, SpritesSets, adjusted_rand_index, fixed_partitions,
+                  hungarian, mean_best_overlap, shape_mask)
 
 
 def batch_of(config=None, size=6, seed=0):
@@ -118,9 +120,9 @@ def test_the_segmentation_is_exactly_the_top_most_drawn_shape_and_the_image_its_
             expected[shape_mask(SHAPES[batch["shape"][b, i]], u, v)] = i + 1  # later objects on top
         assert (expected != batch["segmentation"][b]).float().mean() < 0.002  # float rounding at edges only
         seg = batch["segmentation"][b]
-        assert torch.allclose(batch["x"][b][:, seg == 0], torch.tensor(0.5))  # grey background
+        assert torch.allclose(batch["x"][b][:, seg == 0], torch.tensor(0.0))  # grey background: 0.5 -> 0
         for i in range(count):
-            colour = PALETTE[batch["colour"][b, i]].unsqueeze(1)
+            colour = 2 * PALETTE[batch["colour"][b, i]].unsqueeze(1) - 1  # [0, 1] -> [-1, 1]
             assert torch.equal(batch["x"][b][:, seg == i + 1], colour.expand(3, int((seg == i + 1).sum())))
 
 
@@ -149,7 +151,56 @@ def test_backgrounds_and_64_pixel_scenes():
     assert batch["x"].shape == (2, 3, 64, 64)
     background = batch["x"][0][:, batch["segmentation"][0] == 0]
     assert torch.allclose(background, background[:, :1].expand_as(background))  # one colour per image
-    assert 0.15 <= background.min() and background.max() <= 0.5
+    assert -0.7 <= background.min() and background.max() <= 0.0  # 0.15..0.5 in [0, 1]
+
+
+def test_inputs_lie_in_minus_1_1_and_unsigned_scenes_are_the_same_scenes_in_0_1():
+    _, signed = batch_of(seed=4)
+    _, unsigned = batch_of(SpritesConfig(signed=False), seed=4)
+    assert signed["x"].min() == -1 and signed["x"].max() <= 1  # black background: -1
+    assert torch.allclose(signed["x"], 2 * unsigned["x"] - 1)
+    assert torch.equal(signed["segmentation"], unsigned["segmentation"])
+    assert torch.allclose(Sprites(SpritesConfig()).to_display(signed["x"]), unsigned["x"])
+
+
+def test_colours_are_distinct_within_every_scene_unless_asked_otherwise():
+    _, batch = batch_of(SpritesConfig(min_objects=4, max_objects=5), size=64, seed=2)
+    for b in range(64):
+        n = int(batch["exists"][b].sum())
+        assert len(set(batch["colour"][b, :n].tolist())) == n
+    _, repeated = batch_of(SpritesConfig(min_objects=4, max_objects=5, distinct_colours=False), size=64, seed=2)
+    assert any(len(set(repeated["colour"][b, :int(repeated["exists"][b].sum())].tolist())) <
+               int(repeated["exists"][b].sum()) for b in range(64))
+    with pytest.raises(ValueError, match="distinct colours"):
+        SpritesConfig(max_objects=9)
+    SpritesConfig(max_objects=9, distinct_colours=False)
+
+
+def test_mean_best_overlap_by_hand():
+    true = torch.tensor([[[0, 1, 1, 2],
+                          [0, 1, 1, 2]]])  # background, object 1 (4 px), object 2 (2 px)
+    predicted = torch.tensor([[[3, 3, 5, 5],
+                               [3, 3, 5, 5]]])
+    # object 1: best IoU with segment 3 or 5 = 2 / 6; object 2: with segment 5 = 2 / 4
+    assert mean_best_overlap(true, predicted).item() == pytest.approx((2 / 6 + 2 / 4) / 2)
+    assert mean_best_overlap(true, true).item() == pytest.approx(1.0)  # the true masks
+    assert mean_best_overlap(torch.zeros(1, 2, 2, dtype=torch.long), predicted[:, :, :2]).item() == 1.0
+
+
+def test_the_fixed_partitions_are_a_3_by_2_grid_and_six_stripes_and_metrics_report_them():
+    parts = fixed_partitions(6, 6)
+    assert parts["grid"].tolist() == [[0, 0, 0, 1, 1, 1]] * 2 + [[2, 2, 2, 3, 3, 3]] * 2 + [[4, 4, 4, 5, 5, 5]] * 2
+    assert parts["stripes"].tolist() == [[r] * 6 for r in range(6)]
+    assert fixed_partitions(4, 2)["grid"].tolist() == [[0, 1], [2, 3]]
+    task, batch = batch_of(size=8, seed=0)
+    grid = fixed_partitions(6, 32)["grid"]
+    masks = F.one_hot(grid, 6).permute(2, 0, 1).float().expand(8, -1, -1, -1)  # a model that outputs the grid
+    result = task.metrics(batch["x"], batch, {"masks": masks})
+    assert result["fg_ari"] == pytest.approx(result["grid_fg_ari"]) and result["mbo"] == pytest.approx(result["grid_mbo"])
+    assert result["grid_fg_ari"] != result["stripes_fg_ari"]
+    true_masks = F.one_hot(batch["segmentation"], 6).permute(0, 3, 1, 2).float()
+    perfect = task.metrics(batch["x"], batch, {"masks": true_masks})
+    assert perfect["mbo"] == pytest.approx(800.0) and perfect["mbo"] > 2 * perfect["grid_mbo"]
 
 
 @pytest.mark.parametrize("bad", [dict(min_objects=0), dict(min_objects=4, max_objects=3),
@@ -196,6 +247,25 @@ def test_ap_is_100_for_perfect_predictions_and_falls_with_distance_and_wrong_cla
     assert wrong_result["ap@inf"] < 0.1 * 800
     # (the matching may now pair a few objects differently, so not exactly 0 and 100 %)
     assert wrong_result["shape_acc"] < 0.1 * 800 and wrong_result["colour_acc"] > 0.9 * 800
+
+
+def test_ap_follows_the_official_rule_a_prediction_nearest_a_claimed_object_is_a_false_positive():
+    task = SpritesSets(SpritesConfig(min_objects=2, max_objects=2))
+    batch = task.train_batch(1, torch.Generator().manual_seed(1))
+    batch["colour"][0, 1] = batch["colour"][0, 0]  # two objects of the same classes
+    batch["shape"][0, 1], batch["size"][0, 1] = batch["shape"][0, 0], batch["size"][0, 0]
+    batch["position"][0] = torch.tensor([[0.2, 0.5], [0.8, 0.5]])  # 3.6 units apart
+    y = task.targets(batch, 2)
+    predictions = y.clone()
+    predictions[0, :, :2] = torch.tensor([[0.2, 0.5], [0.3, 0.5]])  # both nearest object 0
+    predictions[0, 0, -1], predictions[0, 1, -1] = 0.9, 0.8
+    # the second is nearest object 0, already claimed: a false positive (the nearest unclaimed object,
+    # 3 units away, would have made it a hit at infinite threshold)
+    assert task.average_precision(predictions, batch, math.inf) == pytest.approx(0.5)
+    # and the threshold is strict: a distance equal to it does not count
+    predictions[0, 1, :2] = torch.tensor([0.8 + 0.5 / 6, 0.5])  # 0.5 units from object 1
+    assert task.average_precision(predictions, batch, 0.5 + 1e-4) == pytest.approx(1.0)
+    assert task.average_precision(predictions, batch, 0.5 - 1e-4) == pytest.approx(0.5)
 
 
 def test_ap_by_hand_one_true_and_one_false_positive_ranked_by_confidence():
