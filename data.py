@@ -94,6 +94,20 @@ def ponder_sum(internals):
     return {"ponder": internals["ponder_cost"].float().mean(1).sum().item()}
 
 
+def halting_sums(internals, real, prefix=""):
+    """For models that halt per position (the UT): per sequence, the mean over its real positions of
+    the ponder cost rho = N + R (ponder), of the number of steps N (steps) and the % of positions with
+    N = 1 (one_step), summed over the batch. A position that halts at its first step has rho = 2 (N = 1,
+    R = 1), so rho 2.0 means one step, not two. prefix: "" (encoder) or "decoder_"."""
+    if prefix + "ponder_cost" not in internals:
+        return {}
+    real = real.float()
+    per_seq = lambda t: ((t.float() * real).sum(1) / real.sum(1).clamp(min=1)).sum().item()
+    steps = internals[prefix + "steps"]
+    return {prefix + "ponder": per_seq(internals[prefix + "ponder_cost"]), prefix + "steps": per_seq(steps),
+            prefix + "one_step": 100 * per_seq(steps == 1)}
+
+
 def _check_positive(config, *names):
     for name in names:
         if getattr(config, name) < 1:
@@ -652,8 +666,9 @@ class Babi:
     facts in order, W words per row; padding_mask (S,) marks the real rows; y the answer class, read
     from the model's output at row 0. Word ids and answer classes come from the training files only
     (0 is padding, 1 an unknown word; a test answer never seen in training is always wrong).
-    Metrics per task: err, the % of wrong answers on its test file, and ponder, the mean ponder cost
-    per position for models that halt; summary: mean_err and failed (tasks with err > 5)."""
+    Metrics per task: err, the % of wrong answers on its test file, and for models that halt ponder
+    (rho = N + R), steps (N) and one_step (% of rows with N = 1) per row (halting_sums); summary:
+    mean_err and failed (tasks with err > 5)."""
 
     kind = "story"
     model_inputs = ("padding_mask",)
@@ -727,10 +742,7 @@ class Babi:
     def metrics(self, logits, batch, internals):
         wrong = (logits[:, 0].argmax(-1) != batch["y"]).float().sum().item()
         result = {"err": 100.0 * wrong, "count": len(batch["y"])}
-        if "ponder_cost" in internals:  # the mean over a story's real rows, summed over the batch
-            real = batch["padding_mask"].float()
-            result["ponder"] = ((internals["ponder_cost"] * real).sum(1) / real.sum(1)).sum().item()
-        return result
+        return result | halting_sums(internals, batch["padding_mask"])  # per story over its real rows
 
     def summary(self, results):
         """UT paper Table 1: the mean error over the tasks and the number of failed tasks (> 5 %)."""
@@ -759,14 +771,20 @@ class AlgorithmicConfig:
     min_len: int = 1  # training lengths uniform in min_len..max_len (addition: at least 3)
     max_len: int = 40  # the paper trains on strings of length 40
     eval_lengths: tuple = (40, 400)  # and evaluates on length 400
+    # tensor2tensor's algorithmic_*_decimal40 dev set: each string's length uniform in 1..400 ("lo-hi")
+    eval_ranges: tuple = ("1-400",)
     random_offset: bool = True  # the paper: positions start at a random offset in training
     eval_samples: int = 128  # test sequences per length
 
     def __post_init__(self):
         if not 1 <= self.min_len <= self.max_len:
             raise ValueError(f"need 1 <= min_len <= max_len, got {self.min_len}, {self.max_len}")
-        if not self.eval_lengths or min(self.eval_lengths) < 1:
+        if not (self.eval_lengths or self.eval_ranges) or min(self.eval_lengths, default=1) < 1:
             raise ValueError(f"eval_lengths must be positive, got {self.eval_lengths}")
+        for r in self.eval_ranges:
+            parts = r.split("-")
+            if len(parts) != 2 or not all(p.isdigit() for p in parts) or not 1 <= int(parts[0]) <= int(parts[1]):
+                raise ValueError(f"eval_ranges look like '1-400' (lengths uniform in 1..400), got {r!r}")
         _check_positive(self, "eval_samples")
 
 
@@ -775,28 +793,53 @@ class Algorithmic(SequenceTask):
     decimal digits as token ids 1-10 (digit + 1; 11 is '+', 0 padding), the output a string of digit
     classes y (B, U) that a decoder writes one at a time, scored where mask is 1. Training positions
     (of input and output alike) start at an offset uniform in 0..max(eval_lengths) - length
-    (position_offset), so the positions of the long test strings have been seen. Metrics: char_acc,
-    the fraction of scored output digits right, averaged over sequences; seq_acc, the fraction of
-    sequences with every scored digit right (evaluation decodes greedily: no true digit is fed back)."""
+    (position_offset), so the positions of the long test strings have been seen. Test settings: a fixed
+    length ("400"), or lengths uniform in a range ("1-400", as tensor2tensor's dev set; the strings of a
+    batch are padded at the end, padding_mask marks the real inputs and mask the scored outputs).
+    Metrics: char_acc, the fraction of scored output digits right, averaged over sequences;
+    token_char_acc, the same over all scored digits of the setting (long strings weigh more, as
+    tensor2tensor's metric); seq_acc, the fraction of sequences with every scored digit right
+    (evaluation decodes greedily: no true digit is fed back); for models that report them, ponder
+    (rho) and steps (N) per position, encoder and decoder_*, and one_step, the % of positions that
+    take a single step."""
 
     kind = "seq2seq"
-    model_inputs = ("position_offset", "y")  # y: the decoder's length, and its inputs when teacher forcing
+    model_inputs = ("position_offset", "y", "padding_mask")  # y: the decoder's length, and its inputs when teacher forcing
+    min_length = 1  # the shortest string encode() can make
 
     def __init__(self, config, data_dir=None):
         super().__init__(config)
         self.spec = {"kind": self.kind, "vocab_size": 12, "output_size": 10, "decoder": True}
         self.eval_settings = {str(n): {"length": n, "offset": False} for n in config.eval_lengths}
+        for r in config.eval_ranges:
+            low, high = map(int, r.split("-"))
+            self.eval_settings[r] = {"length": high, "offset": False, "shortest": max(low, self.min_length)}
         self.bench_setting = str(config.max_len) if config.max_len in config.eval_lengths else next(iter(self.eval_settings))
 
     def sample_train_setting(self, generator):
         return {"length": _randint(self.config.min_len, self.config.max_len, generator), "offset": self.config.random_offset}
 
-    def make_batch(self, batch_size, generator, length, offset):
+    def make_batch(self, batch_size, generator, length, offset, shortest=None):
+        if shortest is not None:  # a test batch of lengths uniform in shortest..length, padded
+            return self.mixed_batch(batch_size, generator, shortest, length)
         digits = torch.randint(0, 10, (batch_size, length), generator=generator)
         x, y, mask = self.encode(digits, generator)
-        top = max(max(self.config.eval_lengths) - length, 0)
+        longest = max([*self.config.eval_lengths, *(int(r.split("-")[1]) for r in self.config.eval_ranges)])
+        top = max(longest - length, 0)
         position_offset = torch.randint(0, top + 1, (batch_size,), generator=generator) if offset else torch.zeros(batch_size, dtype=torch.long)
         return {"x": x, "y": y, "mask": mask, "position_offset": position_offset}
+
+    def mixed_batch(self, batch_size, generator, shortest, longest):
+        """Strings of lengths uniform in shortest..longest, each encoded alone, padded at the end: x and
+        padding_mask (B, S), y and mask (B, U) with mask 0 past each string's output."""
+        lengths = torch.randint(shortest, longest + 1, (batch_size,), generator=generator).tolist()
+        samples = [self.encode(torch.randint(0, 10, (1, n), generator=generator), generator) for n in lengths]
+        S, U = max(lengths), max(y.shape[1] for _, y, _ in samples)
+        x, y, mask = torch.zeros(batch_size, S, dtype=torch.long), torch.zeros(batch_size, U, dtype=torch.long), torch.zeros(batch_size, U)
+        for b, (xb, yb, mb) in enumerate(samples):
+            x[b, :xb.shape[1]], y[b, :yb.shape[1]], mask[b, :mb.shape[1]] = xb[0], yb[0], mb[0]
+        return {"x": x, "y": y, "mask": mask, "padding_mask": torch.arange(S) < torch.tensor(lengths).unsqueeze(1),
+                "position_offset": torch.zeros(batch_size, dtype=torch.long)}
 
     def loss(self, logits, batch):
         ce = F.cross_entropy(logits.float().flatten(0, 1), batch["y"].flatten(), reduction="none").view_as(batch["mask"])
@@ -805,11 +848,17 @@ class Algorithmic(SequenceTask):
     def metrics(self, logits, batch, internals):
         right = (logits.argmax(-1) == batch["y"]).float() * batch["mask"]
         per_seq = right.sum(1) / batch["mask"].sum(1)
-        result = {"char_acc": per_seq.sum().item(), "seq_acc": (per_seq == 1).float().sum().item(), "count": len(per_seq)}
-        for name in ("ponder", "decoder_ponder"):  # the mean rho per position of each sequence, encoder and decoder
-            if f"{name}_cost" in internals:
-                result[name] = internals[f"{name}_cost"].float().mean(1).sum().item()
+        result = {"char_acc": per_seq.sum().item(), "seq_acc": (per_seq == 1).float().sum().item(), "count": len(per_seq),
+                  "right_chars": right.sum().item(), "scored_chars": batch["mask"].sum().item()}
+        real = batch.get("padding_mask", torch.ones(batch["x"].shape[:2], dtype=torch.bool, device=logits.device)).float()
+        for prefix, where in (("", real), ("decoder_", batch["mask"])):  # decoder: the scored outputs
+            result.update(halting_sums(internals, where, prefix))
         return result
+
+    def finish_metrics(self, totals, count):
+        """Means over the setting's sequences, and token_char_acc over all its scored digits."""
+        right, scored = totals.pop("right_chars"), totals.pop("scored_chars")
+        return {**{k: v / count for k, v in totals.items()}, "token_char_acc": right / max(scored, 1)}
 
     def figure_panels(self, logits, batch, internals, index=0):
         """Target and greedy output digits (the scored ones), and ponder per input and output position."""
@@ -842,6 +891,8 @@ class AlgoAddition(Algorithmic):
     allowed), the output a + b in max(la, lb) + 1 digits; every number is written least significant
     digit first, as tensor2tensor's algorithmic addition (the generator the paper used) writes them.
     Outputs shorter than the batch's longest are padded at the end, where mask is 0."""
+
+    min_length = 3  # 'a+b'
 
     def __init__(self, config, data_dir=None):
         if config.min_len < 3:

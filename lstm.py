@@ -19,7 +19,7 @@ so it can learn to copy sequences as long as those it saw in training but not lo
   sequence-to-sequence LSTM) set vocab_size and decoder: an encoder LSTM reads the embedded input
   tokens, and a decoder LSTM starting from its final state writes the output y (B, U) one token at
   a time (Sutskever et al. 2014), reading the true previous token while training and its own greedy
-  choice at evaluation.
+  choice at evaluation. Inputs padded at the end (a padding_mask) are packed, so padding never reaches it.
 
 Compare with the NTM on copy: python train.py --model lstm --task copy
 """
@@ -69,13 +69,13 @@ class LSTM(nn.Module):
                 if ".bias_ih_l" in name:
                     bias[c.hidden_size: 2 * c.hidden_size] += c.forget_bias
 
-    def forward(self, x, return_internals=False, teacher_forcing=None, y=None):
+    def forward(self, x, return_internals=False, teacher_forcing=None, y=None, padding_mask=None):
         F = self.config.feedback_size
         teacher_forcing = self.training if teacher_forcing is None else teacher_forcing
         if self.config.vocab_size:
             x = self.embedding(x)
         if self.config.decoder:
-            return self.decode(x, y, teacher_forcing, return_internals)
+            return self.decode(x, y, teacher_forcing, return_internals, padding_mask)
         if teacher_forcing or F == 0:
             hidden, _ = self.lstm(x)  # (B, T, hidden_size), the top layer at every step
             logits = self.output(hidden)  # (B, T, output_size)
@@ -88,10 +88,15 @@ class LSTM(nn.Module):
             hidden, logits = torch.cat(hiddens, 1), torch.cat(outputs, 1)
         return logits, ({"hidden": hidden} if return_internals else {})
 
-    def decode(self, x, y, teacher_forcing, return_internals):
-        """x (B, S, hidden) embedded inputs, y (B, U) target classes -> logits (B, U, output_size)."""
+    def decode(self, x, y, teacher_forcing, return_internals, padding_mask=None):
+        """x (B, S, hidden) embedded inputs, y (B, U) target classes -> logits (B, U, output_size).
+        padding_mask (B, S): the real inputs, padding at the end; the encoder's final state is then
+        each string's own last step (a packed sequence), not the padding's."""
         if y is None:
             raise ValueError("a decoder needs the targets y (B, U): their length, and their values to teacher-force")
+        if padding_mask is not None:
+            lengths = padding_mask.sum(1).cpu()
+            x = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
         _, state = self.encoder(x)  # the final (h, c) of every layer
         start = torch.zeros_like(y[:, :1])
         if teacher_forcing:  # the inputs are start, y_0 + 1, ..., y_{U-2} + 1

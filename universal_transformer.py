@@ -39,13 +39,18 @@ Paper symbol -> variable -> shape  (B batch, S positions, D d_model, K steps run
 
 Choices the papers leave open, and what we do:
 - The halting unit reads the NEW state of a step, h^n = sigmoid(W_h H^n + b_h), as Graves' Eq. 5
-  does; tensor2tensor reads the state before the step. Outputs and the state returned are Graves'
+  does; tensor2tensor reads the step's input H^{n-1} + P^n, before the block (halting_input="before"). Outputs and the state returned are Graves'
   weighted sums sum_n p^n H^n (Eq. 9); tensor2tensor interpolates between successive states instead.
 - The ponder cost carries its gradient (through R only, as N is piecewise constant: Graves Eq. 14).
   ponder_loss is tau times the mean of rho over the real positions of the batch: Graves' Eq. 12
   with P(x) averaged rather than summed over positions, so tau does not scale with the length.
 - A halted position keeps its last state H^N for the positions still running to attend to (with
-  the current step's timestep signal added, like every other position).
+  the current step's timestep signal added, like every other position); tensor2tensor keeps
+  transforming it, weighted 0 in the output (freeze_halted=False).
+- The timestep signal is the sinusoid of section 2.1; tensor2tensor's default is a learned vector per
+  step (step_signal="learned"). Its adaptive_universal_transformer_tiny caps at 4 steps (max_steps).
+- Reading rho: a position that halts at its first step has N = 1, R = 1, rho = 2. The tasks report
+  the mean N (steps) and the share of positions with N = 1 (one_step) beside rho.
 - Padded positions (padding_mask False) are never attended to, never halt-counted and cost nothing.
 - Layout: norm_first=True (the default) puts LayerNorm before each sublayer, H = A + Transition(LN(A)),
   A = x + Attention(LN(x)), with one LayerNorm before the output layer, as tensor2tensor's code does.
@@ -96,6 +101,12 @@ class UTConfig:
     eps: float = 0.01  # Graves: halt once the h's sum to 1 - eps
     halting_bias_init: float = 1.0  # b_h, Graves section 3: starts pondering little
     time_penalty: float = 0.01  # tau (tensor2tensor's act_loss_weight)
+    # where the papers are silent (see the header): "new" = Graves' Eq. 5 on the step's new state H^n;
+    # "before" = tensor2tensor, on the step's input H^{n-1} + P^n, before the block
+    halting_input: str = "new"
+    freeze_halted: bool = True  # a halted position's state stops changing (False: tensor2tensor, it keeps
+    #                             being transformed, with weight 0 in the output)
+    step_signal: str = "sinusoid"  # the timestep half of P^t: "sinusoid" (section 2.1) or "learned" (tensor2tensor)
 
     def __post_init__(self):
         for name in ("vocab_size", "output_size", "d_model", "num_heads", "d_ff", "max_steps", "kernel_size"):
@@ -111,6 +122,9 @@ class UTConfig:
             raise ValueError("need 0 <= dropout < 1, 0 <= eps < 1 and time_penalty >= 0")
         if self.sentence_length < 0:
             raise ValueError(f"sentence_length must be >= 0, got {self.sentence_length}")
+        if self.halting_input not in ("new", "before") or self.step_signal not in ("sinusoid", "learned"):
+            raise ValueError(f"halting_input must be 'new' or 'before' and step_signal 'sinusoid' or 'learned', "
+                             f"got {self.halting_input!r}, {self.step_signal!r}")
 
 
 @dataclass
@@ -266,8 +280,12 @@ class UniversalTransformer(nn.Module):
             nn.init.constant_(unit.bias, c.halting_bias_init)
             return unit
 
+        def step_embedding():  # tensor2tensor's learned timestep signal: one vector per step, N(0, 1)
+            return nn.Parameter(torch.randn(c.max_steps, c.d_model)) if c.universal and c.step_signal == "learned" else None
+
         layers = 1 if c.universal else c.max_steps
         self.blocks = nn.ModuleList([Block(c) for _ in range(layers)])
+        self.step_embedding = step_embedding()
         self.final_norm = final_norm()
         self.output = nn.Linear(c.d_model, c.output_size)
         if c.act:
@@ -275,6 +293,7 @@ class UniversalTransformer(nn.Module):
         if c.decoder:  # decoder inputs: 0 = start, k + 1 = output class k
             self.target_embedding = nn.Embedding(c.output_size + 1, c.d_model)
             self.decoder_blocks = nn.ModuleList([Block(c, cross=True) for _ in range(layers)])
+            self.decoder_step_embedding = step_embedding()
             self.decoder_final_norm = final_norm()
             if c.act:
                 self.decoder_halting_unit = halting_unit()
@@ -284,15 +303,16 @@ class UniversalTransformer(nn.Module):
             return (self.embedding(x) * self.word_position_mask[: x.shape[-1]]).sum(-2)
         return self.embedding(x)  # (B, S, D)
 
-    def halting_step(self, new_state, state, mean_state, halting_sum, running, last_step, unit=None):
+    def halting_step(self, new_state, state, mean_state, halting_sum, running, last_step, unit=None, reads=None):
         """One ACT step for every position at once (Graves Eq. 5-9, applied over depth per position).
         new_state (B, S, D) is H^n, state H^{n-1}; mean_state the sum of p H so far; halting_sum (B, S)
         the sum of h over the steps taken before the halting one; running (B, S) bool. last_step: n = M.
-        unit: the halting unit (default the encoder's). Returns state, mean_state, halting_sum, running
-        updated and halting_prob p^n (B, S)."""
+        unit: the halting unit (default the encoder's); reads: what it reads (default new_state).
+        Returns state, mean_state, halting_sum, running updated and halting_prob p^n (B, S)."""
         unit = self.halting_unit if unit is None else unit
+        reads = new_state if reads is None else reads
         with torch.autocast(device_type=new_state.device.type, enabled=False):
-            halting_value = torch.sigmoid(unit(new_state.float())).squeeze(-1)  # Eq. 5: h^n
+            halting_value = torch.sigmoid(unit(reads.float())).squeeze(-1)  # Eq. 5: h^n
             # Eq. 7 and 13: step n is N once the h's up to and including h^n reach 1 - eps, or n = M
             halts_now = running & ((halting_sum + halting_value >= 1 - self.config.eps) | last_step)
             continues = running & ~halts_now
@@ -300,7 +320,10 @@ class UniversalTransformer(nn.Module):
             halting_prob = torch.where(continues, halting_value, torch.where(halts_now, 1 - halting_sum, 0.0))
             halting_sum = halting_sum + torch.where(continues, halting_value, 0.0)
             mean_state = mean_state + halting_prob.unsqueeze(-1) * new_state.float()  # Eq. 9: sum_n p^n H^n
-        state = torch.where(running.unsqueeze(-1), new_state, state)  # a halted position stops changing
+        if self.config.freeze_halted:  # a halted position stops changing
+            state = torch.where(running.unsqueeze(-1), new_state, state)
+        else:  # tensor2tensor: every position is transformed at every step; a halted one has p = 0
+            state = new_state
         return state, mean_state, halting_sum, continues, halting_prob
 
     def recur(self, state, position_signal, real, decoder=False, memory=None, memory_mask=None, caches=None):
@@ -320,10 +343,14 @@ class UniversalTransformer(nn.Module):
             halting_sum = torch.zeros(B, S, device=state.device)
             running = real.clone()
         halting_probs, attention = [], []
+        step_embedding = self.decoder_step_embedding if decoder else self.step_embedding
         for n in range(1, c.max_steps + 1):
             if c.universal:  # section 2.1: H^{n-1} + P^n, the position and the timestep signal at every step
-                timestep = torch.tensor(float(n), device=state.device)
-                block_input, block = state + position_signal + sinusoid(timestep, D), blocks[0]
+                if step_embedding is None:
+                    timestep = sinusoid(torch.tensor(float(n), device=state.device), D)
+                else:  # tensor2tensor's learned step signal
+                    timestep = step_embedding[n - 1].to(state.dtype)
+                block_input, block = state + position_signal + timestep, blocks[0]
             else:
                 block_input, block = state, blocks[n - 1]
             new_state, weights = block(block_input, real, memory, memory_mask, None if caches is None else caches[n - 1])
@@ -331,7 +358,8 @@ class UniversalTransformer(nn.Module):
             if c.act:
                 steps = steps + running
                 state, mean_state, halting_sum, running, halting_prob = self.halting_step(
-                    new_state, state, mean_state, halting_sum, running, n == c.max_steps, unit)
+                    new_state, state, mean_state, halting_sum, running, n == c.max_steps, unit,
+                    block_input if c.halting_input == "before" else None)
                 halting_probs.append(halting_prob)
                 if not running.any() and caches is None:  # step by step, later positions need every step's keys
                     break

@@ -160,7 +160,9 @@ def test_the_paper_command_trains_and_reports_per_task_error_mean_and_failed(tmp
     result = main(["--model", "universal_transformer", "--task", "babi", "--data_dir", root, "--out_dir", out,
                    "--max_iters", "10", "--eval_interval", "10", "--d_model", "16", "--d_ff", "16", "--batch_size", "4",
                    "--max_steps", "3"])
-    assert set(result["metrics"]) == {"err@qa1", "ponder@qa1", "mean_err", "failed", "iter", "seconds", "compile_seconds"}
+    assert set(result["metrics"]) == {"err@qa1", "ponder@qa1", "steps@qa1", "one_step@qa1", "mean_err", "failed", "iter",
+                                      "seconds", "compile_seconds"}
+    assert 1 <= result["metrics"]["steps@qa1"] <= 3 and result["metrics"]["ponder@qa1"] >= result["metrics"]["steps@qa1"]
     assert os.path.exists(os.path.join(out, "outputs_qa1.png"))  # ponder per fact and the question's attention
     result = main(["--model", "transformer", "--task", "babi", "--data_dir", root, "--out_dir", str(tmp_path / "t"),
                    "--max_iters", "3", "--d_model", "16", "--d_ff", "16", "--batch_size", "4", "--no-figures"])
@@ -222,7 +224,7 @@ def test_training_offsets_let_short_strings_visit_long_positions():
     assert all(b["x"].shape[1] <= 40 for b in batches)
     ends = torch.cat([b["position_offset"] + b["x"].shape[1] for b in batches])
     assert ends.max() <= 400 and ends.max() > 300  # positions up to the test length are seen
-    assert list(task.eval_settings) == ["40", "400"]
+    assert list(task.eval_settings) == ["40", "400", "1-400"]
 
 
 def test_char_and_sequence_accuracy_by_hand():
@@ -230,18 +232,58 @@ def test_char_and_sequence_accuracy_by_hand():
     batch = task.make_batch(2, gen(), length=4, offset=False)
     logits = torch.nn.functional.one_hot(batch["y"], 10).float()
     logits[0, 1] = logits[0, 1].roll(1)  # one wrong digit in sequence 0
-    assert task.metrics(logits, batch, {}) == {"char_acc": 0.75 + 1.0, "seq_acc": 1.0, "count": 2}
+    totals = task.metrics(logits, batch, {})
+    assert totals == {"char_acc": 0.75 + 1.0, "seq_acc": 1.0, "count": 2, "right_chars": 7.0, "scored_chars": 8.0}
+    count = totals.pop("count")
+    assert task.finish_metrics(totals, count) == {"char_acc": 0.875, "seq_acc": 0.5, "token_char_acc": 0.875}
+
+
+def test_the_1_to_400_setting_draws_lengths_in_range_pads_them_and_weighs_accuracy_by_token():
+    task = AlgoReverse(AlgorithmicConfig())
+    assert task.eval_settings["1-400"] == {"length": 400, "offset": False, "shortest": 1}
+    batch = task.eval_batch("1-400", 64, gen(3))
+    lengths = batch["padding_mask"].sum(1)
+    assert lengths.min() >= 1 and lengths.max() <= 400 and len(set(lengths.tolist())) > 50
+    assert batch["x"].shape[1] == lengths.max() and torch.equal(batch["mask"].sum(1), lengths.float())
+    for b in range(64):
+        n = int(lengths[b])
+        assert torch.equal(batch["y"][b, :n], (batch["x"][b, :n] - 1).flip(0)) and (batch["x"][b, n:] == 0).all()
+    # two strings of lengths 1 and 3: the long one all right, the short one wrong
+    short = {"x": torch.tensor([[4, 0, 0], [2, 3, 4]]), "y": torch.tensor([[3, 0, 0], [3, 2, 1]]),
+             "mask": torch.tensor([[1.0, 0, 0], [1, 1, 1]]), "padding_mask": torch.tensor([[1, 0, 0], [1, 1, 1]]).bool()}
+    logits = torch.nn.functional.one_hot(short["y"], 10).float()
+    logits[0, 0] = logits[0, 0].roll(1)
+    totals = task.metrics(logits, short, {})
+    result = task.finish_metrics(totals, totals.pop("count"))
+    assert result == {"char_acc": 0.5, "seq_acc": 0.5, "token_char_acc": 0.75}  # 3 of 4 digits; 1 of 2 strings
+    addition = AlgoAddition(AlgorithmicConfig(min_len=3, eval_ranges=("1-9",)))
+    assert addition.eval_settings["1-9"]["shortest"] == 3  # 'a+b' needs 3
+    assert addition.eval_batch("1-9", 32, gen()) ["padding_mask"].sum(1).min() >= 3
+    with pytest.raises(ValueError, match="eval_ranges"):
+        AlgorithmicConfig(eval_ranges=("400-1",))
+
+
+def test_halting_statistics_report_one_step_as_rho_2_and_n_1():
+    from data import halting_sums
+    internals = {"steps": torch.tensor([[1, 2, 0]]), "ponder_cost": torch.tensor([[2.0, 2.5, 0.0]])}
+    sums = halting_sums(internals, torch.tensor([[True, True, False]]))
+    assert sums == {"ponder": 2.25, "steps": 1.5, "one_step": 50.0}
+    assert halting_sums({"steps": torch.ones(1, 3)}, torch.ones(1, 3)) == {}  # no ACT: nothing to report
 
 
 def test_a_short_training_run_lowers_the_loss_on_reverse(tmp_path):
     out = str(tmp_path / "rev")
     result = main(["--model", "universal_transformer", "--task", "algo_reverse", "--out_dir", out, "--max_len", "6",
-                   "--eval_lengths", "6", "--eval_samples", "32", "--d_model", "32", "--d_ff", "64", "--max_steps", "4",
+                   "--eval_lengths", "6", "--eval_ranges", "1-6", "--eval_samples", "32", "--d_model", "32", "--d_ff", "64", "--max_steps", "4",
                    "--max_iters", "150", "--eval_interval", "150", "--log_interval", "10", "--lr", "3e-3"])
     with open(os.path.join(out, "log.jsonl")) as f:
         curve = [r["loss"] for r in map(json.loads, f) if "loss" in r]
     assert sum(curve[-3:]) / 3 < 0.6 * curve[0]  # from chance (ln 10 = 2.3) well down
-    assert set(result["metrics"]) == {"char_acc@6", "seq_acc@6", "ponder@6", "decoder_ponder@6", "iter", "seconds", "compile_seconds"}
+    per_setting = {"char_acc", "token_char_acc", "seq_acc", "ponder", "steps", "one_step", "decoder_ponder",
+                   "decoder_steps", "decoder_one_step"}
+    assert set(result["metrics"]) == {f"{m}@{s}" for m in per_setting for s in ("6", "1-6")} | {"iter", "seconds", "compile_seconds"}
+    metrics = result["metrics"]
+    assert 1 <= metrics["steps@1-6"] <= 4 and metrics["ponder@1-6"] >= metrics["steps@1-6"] and 0 <= metrics["one_step@6"] <= 100
     assert os.path.exists(os.path.join(out, "outputs_6.png"))
 
 
@@ -249,9 +291,10 @@ def test_the_seq2seq_lstm_trains_on_reverse_through_train_py(tmp_path):
     """The LSTM takes the tokens and y; the position offsets it has no use for are not passed to it."""
     out = str(tmp_path / "lstm")
     result = main(["--model", "lstm", "--task", "algo_reverse", "--out_dir", out, "--max_len", "5", "--eval_lengths", "5",
-                   "--eval_samples", "16", "--hidden_size", "32", "--max_iters", "20", "--eval_interval", "20"])
+                   "--eval_ranges", "1-5", "--eval_samples", "16", "--hidden_size", "32", "--max_iters", "20", "--eval_interval", "20"])
     assert result["model"].config.decoder and result["model"].config.vocab_size == 12
-    assert set(result["metrics"]) == {"char_acc@5", "seq_acc@5", "iter", "seconds", "compile_seconds"}
+    assert set(result["metrics"]) == {f"{m}@{s}" for m in ("char_acc", "token_char_acc", "seq_acc") for s in ("5", "1-5")} | {
+        "iter", "seconds", "compile_seconds"}
     with pytest.raises(UserError, match="does not fit"):
         main(["--model", "ntm", "--task", "algo_copy", "--out_dir", str(tmp_path / "ntm")])
 

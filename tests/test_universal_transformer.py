@@ -193,6 +193,62 @@ def test_every_step_adds_the_position_and_its_own_timestep_signal():
     assert torch.equal(seen[1][0], seen[0][1])  # then layer to layer, nothing added
 
 
+def test_tensor2tensor_halting_reads_the_step_input_before_the_block():
+    torch.manual_seed(0)
+    model = small(halting_input="before", max_steps=3).eval()
+    block_inputs, unit_inputs = [], []
+    model.blocks[0].register_forward_hook(lambda m, args, out: block_inputs.append(args[0]))
+    model.halting_unit.register_forward_hook(lambda m, args, out: unit_inputs.append(args[0]))
+    model(torch.randint(1, 12, (2, 5)))
+    assert len(unit_inputs) == len(block_inputs) > 0
+    assert all(torch.allclose(u, b) for u, b in zip(unit_inputs, block_inputs))
+    graves = small(max_steps=3).eval()  # the default: Eq. 5 on the new state
+    outputs, unit_inputs = [], []
+    graves.blocks[0].register_forward_hook(lambda m, args, out: outputs.append(out[0]))
+    graves.halting_unit.register_forward_hook(lambda m, args, out: unit_inputs.append(args[0]))
+    graves(torch.randint(1, 12, (2, 5)))
+    assert all(torch.allclose(u, o) for u, o in zip(unit_inputs, outputs))
+
+
+def test_without_freezing_a_halted_position_keeps_changing_for_the_others_to_read():
+    torch.manual_seed(0)
+    frozen = model_reading_halting_from_dim_0(max_steps=4).eval()
+    running = small(max_steps=4, freeze_halted=False).eval()
+    running.load_state_dict(frozen.state_dict())
+    x = torch.randint(1, 12, (2, 6))
+    with torch.no_grad():
+        frozen.embedding.weight[:, 0] = torch.linspace(-4, 6, 12)  # h = sigmoid(state dim 0): some halt at once
+    running.load_state_dict(frozen.state_dict())
+    states = {}
+    for name, model in (("frozen", frozen), ("running", running)):
+        seen = []
+        model.blocks[0].register_forward_hook(lambda m, args, out: seen.append(args[0]))
+        _, internals = model(x)
+        states[name] = seen
+    steps = internals["steps"]
+    assert steps.min() < steps.max()  # some positions halt before others
+    # the block's input at the last step differs where a position had halted: frozen keeps H^N
+    assert not torch.allclose(states["frozen"][-1], states["running"][-1])
+    assert torch.allclose(states["frozen"][0], states["running"][0])  # identical until something halts
+
+
+def test_the_learned_step_signal_is_one_trained_vector_per_step():
+    torch.manual_seed(0)
+    model = small(step_signal="learned", act=False, max_steps=3, decoder=True)
+    assert model.step_embedding.shape == (3, 16) and model.decoder_step_embedding.shape == (3, 16)
+    inputs, outputs = [], []
+    model.blocks[0].register_forward_hook(lambda m, args, out: inputs.append(args[0]) or outputs.append(out[0]))
+    x, y = torch.randint(1, 12, (2, 5)), torch.randint(0, 5, (2, 4))
+    logits, _ = model(x, y=y)
+    previous = [model.embed(x)] + outputs[:-1]
+    for t in range(3):
+        assert torch.allclose(inputs[t] - previous[t], sinusoid(torch.arange(5).expand(2, 5), 16) + model.step_embedding[t],
+                              atol=1e-5)
+    logits.sum().backward()
+    assert model.step_embedding.grad.abs().sum(1).gt(0).all() and model.decoder_step_embedding.grad.abs().sum() > 0
+    assert small().step_embedding is None  # the default: section 2.1's sinusoid
+
+
 # ----------------------------------------------------------------------------------------------
 # Padding and batch independence
 
@@ -201,6 +257,7 @@ VARIANTS = {
     "ut_fixed_steps": dict(act=False),
     "ut_sepconv": dict(transition="sepconv"),
     "ut_post_norm": dict(norm_first=False),  # the paper's section 2.1 layout
+    "ut_t2t_halting": dict(halting_input="before", freeze_halted=False, step_signal="learned"),
     "transformer": dict(universal=False, act=False),
     "facts": dict(sentence_length=4),
 }
