@@ -651,27 +651,36 @@ def parse_babi(path):
 class BabiConfig:
     tasks: tuple = (1,)  # bAbI task numbers 1-20; one task = single-task training, several = joint
     split: str = "en-10k"  # 'en-10k' (10K training questions per task) or 'en' (1K)
-    max_facts: int = 70  # keep the last max_facts statements of a story (MemN2N keeps 50)
+    max_facts: int = 130  # keep the last max_facts statements of a story (the UT authors: 130, task 3's longest)
+    # "story_first": the UT authors' layout, the facts then the question as the last row, the question's
+    # words under their own positional mask, the answer from the mean over rows; "question_first": row 0
+    # the question, one positional mask for every row, the answer read at row 0
+    layout: str = "story_first"
 
     def __post_init__(self):
         if not self.tasks or any(t not in BABI_NAMES for t in self.tasks):
             raise ValueError(f"tasks must be bAbI task numbers 1-20, got {self.tasks}")
         if self.split not in ("en", "en-10k"):
             raise ValueError(f"split must be 'en' or 'en-10k', got {self.split!r}")
+        if self.layout not in ("story_first", "question_first"):
+            raise ValueError(f"layout must be 'story_first' or 'question_first', got {self.layout!r}")
         _check_positive(self, "max_facts")
 
 
 class Babi:
-    """Each question becomes one sample: x (S, W) word ids, row 0 the question, rows 1.. the story's
-    facts in order, W words per row; padding_mask (S,) marks the real rows; y the answer class, read
-    from the model's output at row 0. Word ids and answer classes come from the training files only
+    """Each question becomes one sample: x (S, W) word ids, one row per fact of the story in order and
+    one for the question, W words per row; padding_mask (S,) marks the real rows, question_rows (S,)
+    the question's; y the answer class. Layout story_first (the UT authors'): the facts, then the
+    question as the last real row, the answer read from the mean of the outputs over the real rows;
+    question_first: the question at row 0, the facts after it, the answer read at row 0. Word ids
+    and answer classes come from the training files only
     (0 is padding, 1 an unknown word; a test answer never seen in training is always wrong).
     Metrics per task: err, the % of wrong answers on its test file, and for models that halt ponder
     (rho = N + R), steps (N) and one_step (% of rows with N = 1) per row (halting_sums); summary:
     mean_err and failed (tasks with err > 5)."""
 
     kind = "story"
-    model_inputs = ("padding_mask",)
+    model_inputs = ("padding_mask", "question_rows")
 
     def __init__(self, config, data_dir=None):
         self.config = config
@@ -696,31 +705,45 @@ class Babi:
         self.answers = {a: i for i, a in enumerate(sorted({s["answer"] for t in train for s in train[t]}))}
         self.sentence_length = max(len(row) for t in train for s in train[t] for row in [s["question"]] + s["facts"])
         self.spec = {"kind": self.kind, "vocab_size": len(self.vocab) + 2, "output_size": len(self.answers),
-                     "sentence_length": self.sentence_length}
+                     "sentence_length": self.sentence_length,
+                     "question_position_mask": config.layout == "story_first"}
         self.train_data = self.encode([s for t in config.tasks for s in train[t]])
         self.test_data = {f"qa{t}": self.encode(test[t]) for t in config.tasks}
         self.eval_settings = {name: {} for name in self.test_data}
         self.bench_setting = next(iter(self.eval_settings))
 
     def encode(self, samples):
-        """-> x (N, 1 + max_facts, W) int32 word ids, lengths (N,) real rows, y (N,) answer classes."""
+        """-> x (N, 1 + max_facts, W) int32 word ids, lengths (N,) real rows, question (N,) the question's
+        row, y (N,) answer classes."""
         S, W = 1 + self.config.max_facts, self.sentence_length
-        ids, lengths, y = [], [], []
+        story_first = self.config.layout == "story_first"
+        ids, lengths, question, y = [], [], [], []
         for sample in samples:
-            rows = [sample["question"]] + sample["facts"][-self.config.max_facts:]
+            facts = sample["facts"][-self.config.max_facts:]
+            rows = facts + [sample["question"]] if story_first else [sample["question"]] + facts
             rows = [[self.vocab.get(w, 1) for w in row[:W]] for row in rows]
             ids.append([row + [0] * (W - len(row)) for row in rows] + [[0] * W] * (S - len(rows)))
             lengths.append(len(rows))
+            question.append(len(rows) - 1 if story_first else 0)
             y.append(self.answers.get(sample["answer"], -100))  # -100: unseen in training, never right
         return {"x": torch.tensor(ids, dtype=torch.int32).view(len(samples), S, W),
-                "lengths": torch.tensor(lengths), "y": torch.tensor(y)}
+                "lengths": torch.tensor(lengths), "question": torch.tensor(question), "y": torch.tensor(y)}
 
     @staticmethod
     def batch_of(data, index):
         lengths = data["lengths"][index]
         S = int(lengths.max())  # pad to the longest story in this batch only
-        return {"x": data["x"][index, :S].long(), "y": data["y"][index],
-                "padding_mask": torch.arange(S) < lengths.unsqueeze(1)}
+        rows = torch.arange(S)
+        return {"x": data["x"][index, :S].long(), "y": data["y"][index], "padding_mask": rows < lengths.unsqueeze(1),
+                "question_rows": rows == data["question"][index].unsqueeze(1)}
+
+    def readout(self, logits, batch):
+        """The answer logits (B, classes): the mean over the real rows (story_first, as tensor2tensor's
+        class-label output pools), or row 0 (question_first)."""
+        if self.config.layout == "question_first":
+            return logits[:, 0].float()
+        real = batch["padding_mask"].unsqueeze(-1).float()
+        return (logits.float() * real).sum(1) / real.sum(1)
 
     def train_batch(self, batch_size, generator):
         index = torch.randint(0, len(self.train_data["y"]), (batch_size,), generator=generator)
@@ -736,11 +759,11 @@ class Babi:
                        for i in range(0, len(data["y"]), chunk)] for name, data in self.test_data.items()}
 
     def loss(self, logits, batch):
-        """Cross-entropy of the answer, read at row 0 (the question)."""
-        return F.cross_entropy(logits[:, 0].float(), batch["y"], ignore_index=-100)
+        """Cross-entropy of the answer (readout)."""
+        return F.cross_entropy(self.readout(logits, batch), batch["y"], ignore_index=-100)
 
     def metrics(self, logits, batch, internals):
-        wrong = (logits[:, 0].argmax(-1) != batch["y"]).float().sum().item()
+        wrong = (self.readout(logits, batch).argmax(-1) != batch["y"]).float().sum().item()
         result = {"err": 100.0 * wrong, "count": len(batch["y"])}
         return result | halting_sums(internals, batch["padding_mask"])  # per story over its real rows
 
@@ -750,14 +773,18 @@ class Babi:
         return {"mean_err": sum(errors) / len(errors), "failed": sum(e > 5 for e in errors)}
 
     def figure_panels(self, logits, batch, internals, index=0):
-        """UT paper Fig. 3: ponder time per row (question first, then the facts); and the attention of
-        the question over the rows at each step, averaged over heads (one row per step)."""
+        """UT paper Fig. 3: ponder time and steps N per row (the rows in input order: facts, then the
+        question for story_first); and, question_first, the attention of the question over the rows at
+        each step, averaged over heads (one row per step)."""
         S = int(batch["padding_mask"][index].sum())
+        order = "facts, then question" if self.config.layout == "story_first" else "question, then facts"
         panels = []
         if "ponder_cost" in internals:
             ponder = internals["ponder_cost"][index, :S].float().unsqueeze(0)
-            panels.append((f"ponder per row (max {ponder.max():.1f})", ponder / ponder.max()))
-        if "first_position_attention" in internals:
+            steps = internals["steps"][index, :S].float().unsqueeze(0)
+            panels.append((f"ponder per row, {order} (max {ponder.max():.1f})", ponder / ponder.max()))
+            panels.append((f"steps n per row (max {int(steps.max())})", steps / steps.max()))
+        if "first_position_attention" in internals and self.config.layout == "question_first":
             attention = internals["first_position_attention"][index, :, :, :S].float().mean(1)  # (K, S)
             panels.append(("question attention per step", attention / attention.max(-1, keepdim=True).values))
         return panels

@@ -70,8 +70,8 @@ MODELS = {
 # Model fields that model_config_for takes from task.spec (never flags): the data decides them
 # (sizes, integer-code vocabularies, for NPS which input channels form a slot, condition the
 # rules or are fed back, and whether outputs need a decoder).
-SIZED_BY_TASK = ("input_size", "output_size", "vocab_size", "sentence_length", "image_size", "in_channels",
-                 "input_vocab", "input_groups", "condition_size", "feedback_size", "decoder")
+SIZED_BY_TASK = ("input_size", "output_size", "vocab_size", "sentence_length", "question_position_mask", "image_size",
+                 "in_channels", "input_vocab", "input_groups", "condition_size", "feedback_size", "decoder")
 
 # Of those, the ones a flag may set where the task's spec leaves them out: input_vocab is set by tasks of
 # byte inputs (seqcifar); for MNIST's binary pixel the preset embeds it (2) and --input_vocab 0 feeds it as is.

@@ -25,7 +25,8 @@ The idea:
 
 Paper symbol -> variable -> shape  (B batch, S positions, D d_model, K steps run)
     H^0          embedded          (B, S, D)  token embeddings; bAbI facts: words summed under a
-                                              learned positional mask (bAbI experiments, as MemN2N)
+                                              learned positional mask (bAbI experiments, as MemN2N;
+                                              the question under its own, as the UT authors' setup)
     P^t          position_signal + timestep_signal[t]   (B, S, D) + (D,)
     H^t          state             (B, S, D)
     H^T (enc.)   memory            (B, S, D)  what the decoder attends to; decoder positions: (B, U, D)
@@ -68,7 +69,8 @@ Choices the papers leave open, and what we do:
   teacher-forced (the true previous output is the next input); evaluation decodes greedily, one
   position at a time, keeping every depth step's keys and values (a halted position's too, since
   later positions still attend to it), so generating T outputs costs T block calls per step, not T^2.
-  bAbI reads its answer from the encoder's question position and needs no decoder.
+  bAbI needs no decoder: the task reads its answer from the encoder's outputs (their mean over the
+  rows, as the UT authors' setup; or the question's row, data.py's question_first layout).
 
 Reproduce: python train.py --model universal_transformer --task babi --data_dir DIR    (bAbI, encoder only)
            python train.py --model universal_transformer --task algo_reverse             (encoder-decoder)
@@ -87,6 +89,8 @@ class UTConfig:
     vocab_size: int = 32  # set from the task: input token ids 0..vocab_size-1, 0 is padding
     output_size: int = 8  # set from the task: classes predicted at every (encoder or decoder) position
     sentence_length: int = 0  # set from the task: words per fact for bAbI-style (B, S, W) inputs; 0 = tokens (B, S)
+    question_position_mask: bool = False  # set from the task: the question row's words under a positional mask
+    #                                       of their own (the UT authors' bAbI setup); False: one mask for all rows
     decoder: bool = False  # set from the task: a decoder for sequence-to-sequence outputs (section 2.1)
     d_model: int = 128  # D (the CPU presets in train.py use 64)
     num_heads: int = 4
@@ -272,6 +276,8 @@ class UniversalTransformer(nn.Module):
         self.embedding = nn.Embedding(c.vocab_size, c.d_model, padding_idx=0)
         if c.sentence_length:  # bAbI: a fact is the sum of its word embeddings under a learned positional mask
             self.word_position_mask = nn.Parameter(torch.ones(c.sentence_length, c.d_model))
+            if c.question_position_mask:  # and the question under its own
+                self.question_position_mask = nn.Parameter(torch.ones(c.sentence_length, c.d_model))
         def final_norm():  # pre-norm ends with one LayerNorm
             return nn.LayerNorm(c.d_model) if c.norm_first else nn.Identity()
 
@@ -298,9 +304,16 @@ class UniversalTransformer(nn.Module):
             if c.act:
                 self.decoder_halting_unit = halting_unit()
 
-    def embed(self, x):
+    def embed(self, x, question_rows=None):
+        """x (B, S) tokens or (B, S, W) rows of words -> (B, S, D). question_rows (B, S) bool: the rows
+        embedded under the question's positional mask, where the config has one."""
         if x.dim() == 3:  # (B, S, W) facts: sum_j mask_j * E[word_j]
-            return (self.embedding(x) * self.word_position_mask[: x.shape[-1]]).sum(-2)
+            words = self.embedding(x)
+            rows = (words * self.word_position_mask[: x.shape[-1]]).sum(-2)
+            if question_rows is not None and self.config.question_position_mask:
+                questions = (words * self.question_position_mask[: x.shape[-1]]).sum(-2)
+                rows = torch.where(question_rows.unsqueeze(-1), questions, rows)
+            return rows
         return self.embedding(x)  # (B, S, D)
 
     def halting_step(self, new_state, state, mean_state, halting_sum, running, last_step, unit=None, reads=None):
@@ -374,17 +387,19 @@ class UniversalTransformer(nn.Module):
             state = mean_state.to(state.dtype)  # Eq. 9: the output is sum_n p^n H^n
         return state, stats
 
-    def forward(self, x, return_internals=False, padding_mask=None, position_offset=None, y=None, teacher_forcing=None):
+    def forward(self, x, return_internals=False, padding_mask=None, position_offset=None, y=None, teacher_forcing=None,
+                question_rows=None):
         """y (B, U) target classes, decoder only: the length to produce and, when teacher forcing (the
         default in training), the decoder's inputs (y shifted right after a start token); at evaluation
-        the decoder feeds back its own greedy outputs and reads nothing of y but its shape."""
+        the decoder feeds back its own greedy outputs and reads nothing of y but its shape.
+        question_rows (B, S) bool, bAbI: the question's row (see embed)."""
         c = self.config
         B, S = x.shape[:2]
         real = torch.ones(B, S, dtype=torch.bool, device=x.device) if padding_mask is None else padding_mask.bool()
         offset = torch.zeros(B, 1, dtype=torch.long, device=x.device) if position_offset is None else position_offset.view(B, 1)
         # positions from 0 (+ the algorithmic tasks' random training offsets, so long positions are seen)
         position_signal = sinusoid(torch.arange(S, device=x.device) + offset, c.d_model)  # (B, S, D)
-        state, stats = self.recur(self.embed(x), position_signal, real)
+        state, stats = self.recur(self.embed(x, question_rows), position_signal, real)
         output_state = self.final_norm(state)
         internals = {"steps": stats["steps"]}
         if "ponder_cost" in stats:

@@ -68,17 +68,19 @@ def test_the_parser_reads_stories_questions_answers_and_supporting_facts_exactly
     assert sample["answer"] == "n,w" and sample["supporting"] == [0, 1]
 
 
-def test_the_task_encodes_question_first_then_facts_with_a_vocabulary_from_train_only(tmp_path):
-    task = Babi(BabiConfig(tasks=(1,)), data_dir=write_babi(tmp_path))
+def test_the_question_first_layout_puts_the_question_at_row_0_and_reads_the_answer_there(tmp_path):
+    task = Babi(BabiConfig(tasks=(1,), layout="question_first"), data_dir=write_babi(tmp_path))
     train_words = {"mary", "moved", "to", "the", "bathroom", "john", "went", "hallway", "where", "is", "daniel", "back",
                    "sandra", "garden", "travelled", "office"}
     assert set(task.vocab) == train_words and min(task.vocab.values()) == 2  # 0 padding, 1 unknown
     assert "kitchen" not in task.vocab  # a test-only word
     assert task.answers == {"bathroom": 0, "garden": 1, "hallway": 2, "office": 3}
-    assert task.spec == {"kind": "story", "vocab_size": 18, "output_size": 4, "sentence_length": 6}
+    assert task.spec == {"kind": "story", "vocab_size": 18, "output_size": 4, "sentence_length": 6,
+                         "question_position_mask": False}
     (batch,) = task.eval_data(8, None)["qa1"]
     x, mask, y = batch["x"], batch["padding_mask"], batch["y"]
     assert x.shape == (2, 3, 6) and mask.tolist() == [[True, True, False], [True, True, True]]
+    assert batch["question_rows"].tolist() == [[True, False, False], [True, False, False]]
     ids = lambda words: [task.vocab.get(w, 1) for w in words] + [0] * (6 - len(words))
     assert x[0].tolist() == [ids(["where", "is", "john"]), ids(["john", "moved", "to", "the", "kitchen"]), [0] * 6]
     assert x[1, 2].tolist() == ids(["mary", "went", "to", "the", "office"])
@@ -90,10 +92,49 @@ def test_the_task_encodes_question_first_then_facts_with_a_vocabulary_from_train
     assert task.summary({"err@qa1": 50.0}) == {"mean_err": 50.0, "failed": 1}
 
 
+def test_the_authors_layout_puts_the_story_first_the_question_last_and_pools_the_answer_over_rows(tmp_path):
+    task = Babi(BabiConfig(tasks=(1,)), data_dir=write_babi(tmp_path))
+    assert task.config.layout == "story_first" and task.config.max_facts == 130
+    assert task.spec["question_position_mask"] is True
+    (batch,) = task.eval_data(8, None)["qa1"]
+    x, mask = batch["x"], batch["padding_mask"]
+    ids = lambda words: [task.vocab.get(w, 1) for w in words] + [0] * (6 - len(words))
+    assert x[0].tolist() == [ids(["john", "moved", "to", "the", "kitchen"]), ids(["where", "is", "john"]), [0] * 6]
+    assert x[1].tolist() == [ids(["john", "moved", "to", "the", "kitchen"]), ids(["mary", "went", "to", "the", "office"]),
+                             ids(["where", "is", "mary"])]
+    assert mask.tolist() == [[True, True, False], [True, True, True]]
+    assert batch["question_rows"].tolist() == [[False, True, False], [False, False, True]]  # the last real row
+    logits = torch.zeros(2, 3, 4)
+    logits[1, :, 3] = torch.tensor([3.0, 0.0, 0.0])  # the mean over sample 1's three rows: class 3, 'office'
+    logits[0, 2, 2] = 100.0  # a padding row never counts
+    logits[0, :2, 0] = 1.0
+    assert task.readout(logits, batch).argmax(-1).tolist() == [0, 3]
+    assert torch.allclose(task.readout(logits, batch)[1], torch.tensor([0.0, 0.0, 0.0, 1.0]))
+    assert task.metrics(logits, batch, {}) == {"err": 100.0, "count": 2}  # summed: sample 0 (never right) is wrong
+
+
+def test_the_ut_embeds_the_question_row_under_its_own_positional_mask():
+    from universal_transformer import UniversalTransformer, UTConfig
+    torch.manual_seed(0)
+    model = UniversalTransformer(UTConfig(vocab_size=10, output_size=3, sentence_length=4, d_model=8, num_heads=2,
+                                          question_position_mask=True))
+    x = torch.randint(1, 10, (1, 3, 4))
+    question = torch.tensor([[False, False, True]])
+    with torch.no_grad():
+        model.question_position_mask.mul_(2.0)
+    rows = model.embed(x, question)
+    words = model.embedding(x)
+    assert torch.allclose(rows[0, :2], (words[0, :2] * model.word_position_mask).sum(-2))
+    assert torch.allclose(rows[0, 2], (words[0, 2] * model.question_position_mask).sum(-2))
+    assert torch.allclose(rows[0, 2], 2 * (words[0, 2] * model.word_position_mask).sum(-2))
+    shared = UniversalTransformer(UTConfig(vocab_size=10, output_size=3, sentence_length=4, d_model=8, num_heads=2))
+    assert not hasattr(shared, "question_position_mask")  # the default: one mask for every row (old checkpoints load)
+
+
 def test_max_facts_keeps_the_last_facts_of_a_story(tmp_path):
     task = Babi(BabiConfig(tasks=(1,), max_facts=1), data_dir=write_babi(tmp_path))
     assert task.train_data["x"].shape[1] == 2 and task.train_data["lengths"].max() == 2
-    assert task.train_data["x"][0, 1, 0] == task.vocab["john"]  # the story's second, last fact
+    assert task.train_data["x"][0, 0, 0] == task.vocab["john"]  # the story's second, last fact, then the question
 
 
 def test_a_missing_file_names_data_dir_in_one_line(tmp_path):
