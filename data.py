@@ -1627,29 +1627,58 @@ def rule_purity(counts):
 
 # ----------------------------------------------------------------------------------------------
 # Neural Production Systems, the MNIST transformation experiment (official code: MNIST/crl/dataloader/
-# mnist_transforms.py, digits on a 64 x 64 canvas, rotations by +-45 or 60 degrees, translations by 0.2)
+# mnist_transforms.py and MNIST/run.sh: digits on a 64 x 64 canvas, four transformations, rotations by
+# +-60 degrees and translations by 0.2 of the canvas, in chains of 4 where each frame predicts the next)
 
-TRANSFORMS = ("rotate_left", "rotate_right", "up", "down", "left", "right")
+OFFICIAL_TRANSFORMS = ("rotate_right", "rotate_left", "up", "down")  # run.sh: num_transforms 4, the first four
+TRANSFORMS = ("rotate_left", "rotate_right", "up", "down", "left", "right")  # the quarter_shift set
 
 
 @dataclass
 class MNISTTransformConfig:
-    shift: int = 4  # pixels per translation
+    # "official": rotate by 60 degrees clockwise and anticlockwise, translate up and down by 0.2 of the
+    # canvas, bilinear, on a canvas with the digit at its centre, in chains; "quarter_shift": quarter turns
+    # and `shift`-pixel shifts in four directions (exact) on 28 x 28, one step
+    transforms: str = "official"
+    canvas: int = 40  # the canvas side (official: 64; a multiple of 8 for the conv encoder)
+    chain: int = 4  # transformations per sequence (official transform_length 4); quarter_shift: 1
+    shift: int = 4  # pixels per translation (quarter_shift only)
     train_size: int = 10000  # training digits: the first ones of MNIST's 60k training images
     eval_samples: int = 2000  # test digits: the first ones of MNIST's 10k test images
 
     def __post_init__(self):
-        _check_positive(self, "shift", "train_size", "eval_samples")
+        _check_positive(self, "shift", "train_size", "eval_samples", "chain")
         if self.shift >= 28 or self.train_size > 60000 or self.eval_samples > 10000:
             raise ValueError("need shift < 28, train_size <= 60000 and eval_samples <= 10000")
+        if self.transforms not in ("official", "quarter_shift"):
+            raise ValueError(f"transforms must be 'official' or 'quarter_shift', got {self.transforms!r}")
+        if self.transforms == "official" and (self.canvas < 32 or self.canvas % 8):
+            raise ValueError(f"canvas must be a multiple of 8 and at least 32, got {self.canvas}")
+
+
+def affine_images(images, angle, shift_y):
+    """images (B, 1, H, W); angle (B,) degrees, clockwise on screen, about the centre; shift_y (B,) pixels,
+    positive moves the content down. Bilinear, zeros come in (grid_sample, align_corners=False)."""
+    B, _, H, W = images.shape
+    theta = torch.deg2rad(angle.float())
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    # the output at p' samples the input at p = R(-theta) (p' - t), in normalised coordinates (x right, y down)
+    inverse = torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], 1)  # (B, 2, 2) = R(-theta)
+    t = torch.stack([torch.zeros_like(cos), 2 * shift_y.float() / H], -1)  # (B, 2)
+    matrix = torch.cat([inverse, -(inverse @ t.unsqueeze(-1))], -1)  # (B, 2, 3)
+    grid = F.affine_grid(matrix, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 class MNISTTransform(SequenceTask):
-    """An MNIST digit (28 x 28, grey levels in [0, 1]) and a transformation drawn uniformly from
-    TRANSFORMS: a quarter turn either way (exact, no interpolation) or a shift by `shift` pixels up, down,
-    left or right (zeros come in). Target: the transformed digit. One step: x (B, 1, 784 + 6), the image
-    (one slot) then the one-hot transformation (a condition, read by the rule choice only); y (B, 1, 784).
-    Metrics: bce, binary cross-entropy summed over the pixels, mean per image; rule_purity."""
+    """MNIST digits (grey levels in [0, 1]) and transformations drawn uniformly, one per step; the target
+    of each step is its input frame transformed. Official (default): the digit at the centre of a canvas
+    of `canvas` pixels, then `chain` transformations one after another from OFFICIAL_TRANSFORMS; frame t
+    is the input of step t and frame t + 1 its target (the true frame is always the input). Each step:
+    x (B, T, canvas^2 + 4), the image (one slot) then the one-hot transformation (a slot of its own:
+    input_groups (canvas^2, 4)); y (B, T, canvas^2). quarter_shift: one step on 28 x 28 from TRANSFORMS,
+    the one-hot as a condition read by the rule choice only, as before. Metrics: bce, binary
+    cross-entropy summed over the pixels, mean per frame; rule_purity over the transformation x rule counts."""
 
     kind = "transform"
     metric = "bce"
@@ -1663,14 +1692,25 @@ class MNISTTransform(SequenceTask):
             raise DataError(f"MNIST in {data_dir} has {len(train)} training and {len(test)} test images, fewer "
                                "than --train_size and --eval_samples ask for: lower them or fix --data_dir")
         self.images = {"train": train[:config.train_size].float() / 255, "test": test[:config.eval_samples].float() / 255}
-        n = len(TRANSFORMS)
-        self.spec = {"kind": self.kind, "input_size": 784 + n, "output_size": 784, "input_groups": (784,),
-                     "condition_size": n}
+        self.official = config.transforms == "official"
+        self.names = OFFICIAL_TRANSFORMS if self.official else TRANSFORMS
+        n, side = len(self.names), (config.canvas if self.official else 28)
+        self.side, self.steps = side, (config.chain if self.official else 1)
+        if self.official:
+            self.spec = {"kind": self.kind, "input_size": side * side + n, "output_size": side * side,
+                         "input_groups": (side * side, n), "condition_size": 0, "image_size": side}
+        else:
+            self.spec = {"kind": self.kind, "input_size": 784 + n, "output_size": 784, "input_groups": (784,),
+                         "condition_size": n}
         self.eval_settings = {"test": {"split": "test"}}
         self.eval_cursor = 0
 
     def transform(self, images, which):
-        """images (B, 28, 28), which (B,) indices into TRANSFORMS -> transformed images (B, 28, 28)."""
+        """images (B, side, side), which (B,) indices into the task's transformations -> (B, side, side)."""
+        if self.official:
+            angle = torch.tensor([60.0, -60.0, 0.0, 0.0])[which]  # rotate_right, rotate_left, up, down
+            shift = torch.tensor([0.0, 0.0, -0.2, 0.2])[which] * self.side
+            return affine_images(images.unsqueeze(1), angle, shift).squeeze(1)
         s = self.config.shift
         padded = F.pad(images, (s, s, s, s))
         every = torch.stack([torch.rot90(images, 1, (1, 2)), torch.rot90(images, -1, (1, 2)),
@@ -1682,7 +1722,7 @@ class MNISTTransform(SequenceTask):
         return self.make_batch(batch_size, generator, "train")
 
     def eval_batch(self, setting, batch_size, generator):
-        """The test digits in order (train.py asks for consecutive chunks), each with a random transformation."""
+        """The test digits in order (train.py asks for consecutive chunks), each with random transformations."""
         start = self.eval_cursor % self.config.eval_samples
         self.eval_cursor = start + batch_size
         index = torch.arange(start, start + batch_size) % self.config.eval_samples
@@ -1692,39 +1732,48 @@ class MNISTTransform(SequenceTask):
         pool = self.images[split]
         if index is None:
             index = torch.randint(0, len(pool), (batch_size,), generator=generator)
-        which = torch.randint(0, len(TRANSFORMS), (batch_size,), generator=generator)
-        images = pool[index]
-        x = torch.cat([images.reshape(batch_size, 784), F.one_hot(which, len(TRANSFORMS)).float()], -1)
-        y = self.transform(images, which).reshape(batch_size, 1, 784)
-        return {"x": x.unsqueeze(1), "y": y, "mask": torch.ones(batch_size, 1), "op": which.unsqueeze(1)}
+        T, n, side = self.steps, len(self.names), self.side
+        which = torch.randint(0, n, (batch_size, T), generator=generator)
+        frame = pool[index]
+        if self.official:  # the digit at the centre of the canvas
+            pad = (side - 28) // 2
+            frame = F.pad(frame, (pad, side - 28 - pad, pad, side - 28 - pad))
+        frames = [frame]
+        for t in range(T):
+            frames.append(self.transform(frames[-1], which[:, t]))
+        frames = torch.stack(frames, 1).reshape(batch_size, T + 1, side * side)
+        x = torch.cat([frames[:, :T], F.one_hot(which, n).float()], -1)
+        return {"x": x, "y": frames[:, 1:], "mask": torch.ones(batch_size, T), "op": which}
 
     def loss(self, logits, batch):
         return F.binary_cross_entropy_with_logits(logits.float(), batch["y"])
 
     def metrics(self, logits, batch, internals):
         bce = F.binary_cross_entropy_with_logits(logits.float(), batch["y"], reduction="sum").item()
-        result = {"bce": bce, "count": logits.shape[0]}
+        result = {"bce": bce, "count": batch["y"].shape[0] * batch["y"].shape[1]}  # per frame
         if "rules" in internals:
-            result["op_rule_counts"] = op_rule_counts(batch["op"], internals["rules"], len(TRANSFORMS))
+            result["op_rule_counts"] = op_rule_counts(batch["op"], internals["rules"], len(self.names))
         return result
 
     def finish_metrics(self, totals, count):
         return rule_metrics(totals, count)
 
     def figure_panels(self, logits, batch, internals, count=6):
-        """Input, target and prediction for the first test digits, side by side; the chosen rule of each
-        as a row of grey levels (rule / (rules - 1)); the transformation x rule counts over the batch."""
-        row = lambda images: torch.cat([F.pad(im.reshape(28, 28), (0, 2)) for im in images[:count]], 1)
-        names = " ".join(("L90", "R90", "UP", "DOWN", "LEFT", "RIGHT")[int(t)] for t in batch["op"][:count, 0])
-        panels = [(f"input ({names})", row(batch["x"][:, 0, :784])), ("target", row(batch["y"][:, 0])),
+        """Input, target and prediction of the first step for the first test digits, side by side; the chosen
+        rule of each as a row of grey levels (rule / (rules - 1)); the transformation x rule counts."""
+        side = self.side
+        row = lambda images: torch.cat([F.pad(im.reshape(side, side), (0, 2)) for im in images[:count]], 1)
+        labels = ("R60", "L60", "UP", "DOWN") if self.official else ("L90", "R90", "UP", "DOWN", "LEFT", "RIGHT")
+        names = " ".join(labels[int(t)] for t in batch["op"][:count, 0])
+        panels = [(f"input ({names})", row(batch["x"][:, 0, :side * side])), ("target", row(batch["y"][:, 0])),
                   ("prediction", row(torch.sigmoid(logits[:, 0].float())))]
         if "rules" in internals:
             rules = internals["rules"][:count, 0, 0].float()
             used = int(internals["rules"].max()) + 1
             panels.append((f"rule ({' '.join(str(int(r)) for r in rules)})",
-                           (rules / max(used - 1, 1)).repeat_interleave(30).unsqueeze(0)))
-            counts = op_rule_counts(batch["op"], internals["rules"], len(TRANSFORMS))[:, :used]
-            panels.append(("transformation x rule", counts / counts.sum(1, keepdim=True).clamp(min=1)))
+                           (rules / max(used - 1, 1)).repeat_interleave(side + 2).unsqueeze(0)))
+            counts = op_rule_counts(batch["op"], internals["rules"], len(self.names))[:, :used]
+            panels.append((f"transformation ({' '.join(labels)}) x rule", counts / counts.sum(1, keepdim=True).clamp(min=1)))
         return panels
 
 

@@ -20,7 +20,8 @@ The idea:
   one operation, and a per-step rule generalises to sequences longer than those trained on.
 
 Paper symbol -> variable -> shape  (B batch, T steps, S slots, N rules, H slot size, K applications)
-    V = {v_1..v_S}     slots               (B, S, H)   one per input group of x_t (input_groups)
+    V = {v_1..v_S}     slots               (B, S, H)   one per input group of x_t (input_groups; with
+                                                       image_size, group 0 is an image)
     (condition)        condition           (B, C)      the last condition_size channels of x_t
     R~_r               rule_embeddings     (N, rule_size)
     MLP_r              rule_w1, rule_b1, rule_w2, rule_b2   (N, 2H, rule_hidden), ..., (N, rule_hidden, H)
@@ -55,6 +56,15 @@ Choices the paper leaves open, and what we do:
   Gumbel noise of a fixed scale, and with the division the stage 1 scores stayed small against it for
   long; in our arithmetic development runs two operations then settled on one rule for good.
 
+The MNIST transformations as the official code sets them up (MNIST/run.sh, RuleNetwork.py; the
+mnist_transform preset): the image and the transformation are two slots, the image read by a conv
+encoder (image_size), the transformation by an MLP; every slot is LayerNormed (slot_norm) and has its
+own stage 1 key projection (slot_keys="per_slot", a grouped linear layer), so the transformation
+slot's scores depend on the rule and the transformation alone; scores are divided by sqrt(key_size)
+(scale_scores); stage 2 samples with tau 0.5 (context_tau); the chosen rule's MLP reads only the stage 2
+slot (rule_input="context") and its output replaces the primary slot (residual=False), which a conv
+decoder reads: the rule's output is the only path from the image to the reconstruction.
+
 Where the official arithmetic code differs: it has three slots ([y_{t-1}], [d_t], [operation]) and
 stage 1 picks a (rule, slot) pair among all three, so the operation's slot carries the choice; its
 stage 2 then picks two operands among the two number slots (two independent Gumbel choices by the rule
@@ -62,6 +72,7 @@ embedding) and its rule MLP maps them to the result directly. We keep the paper'
 form and give the operation to the stage 1 keys as a condition instead of a slot of its own.
 
 Reproduce the arithmetic result: python train.py --model nps --task arithmetic
+The MNIST transformations:      python train.py --model nps --task mnist_transform --data_dir DIR
 """
 
 import math
@@ -89,6 +100,15 @@ class NPSConfig:
     num_applications: int = 1  # K, rule applications per step in sequential mode
     tau: float = 1.0  # Gumbel-softmax temperature
     readout_slot: int = -1  # -1: the slot the last rule wrote (sequential); else this slot
+    # Options the official MNIST code sets (the defaults are the arithmetic setup; see the header):
+    image_size: int = 0  # set from the task: > 0, slot 0 is an image of this side, read by a conv encoder and
+    #                      decoded by a conv decoder; 0: every slot and the output are vectors (MLPs)
+    slot_norm: bool = False  # LayerNorm every slot after its encoder
+    slot_keys: str = "shared"  # stage 1 keys: "shared" (one projection) or "per_slot" (one per slot, grouped)
+    scale_scores: bool = False  # divide the attention scores by sqrt(key_size)
+    rule_input: str = "pair"  # the rule MLP reads "pair" [primary, context] or "context" (the stage-2 slot only)
+    residual: bool = True  # v <- v + MLP_r(...); False: v <- MLP_r(...), so the rule's output is all that is read
+    context_tau: float = 0.0  # stage 2 Gumbel temperature; 0: the same as tau (official MNIST: 0.5)
 
     def __post_init__(self):
         self.input_groups = tuple(self.input_groups)
@@ -112,6 +132,15 @@ class NPSConfig:
             raise ValueError(f"readout_slot must be -1 or a slot index below {len(self.input_groups)}, got {self.readout_slot}")
         if self.mode == "parallel" and self.readout_slot < 0:
             raise ValueError("parallel mode updates every slot: give the slot to read with readout_slot >= 0")
+        if self.slot_keys not in ("shared", "per_slot") or self.rule_input not in ("pair", "context"):
+            raise ValueError(f"slot_keys must be 'shared' or 'per_slot' and rule_input 'pair' or 'context', "
+                             f"got {self.slot_keys!r}, {self.rule_input!r}")
+        if self.context_tau < 0:
+            raise ValueError(f"context_tau must be >= 0 (0: tau), got {self.context_tau}")
+        if self.image_size and (self.image_size % 8 or self.input_groups[0] != self.image_size ** 2
+                                or self.output_size != self.image_size ** 2):
+            raise ValueError(f"image_size {self.image_size} needs a side divisible by 8, input group 0 and the output "
+                             f"of image_size^2 values, got groups {self.input_groups} and output {self.output_size}")
 
 
 def hard_choice(scores, tau, sample):
@@ -137,46 +166,82 @@ def _uniform(*shape, fan_in):
     return nn.Parameter(torch.empty(*shape).uniform_(-bound, bound))
 
 
+def conv_encoder(size, hidden):
+    """An image (B, 1, size, size) -> (B, hidden): three stride-2 4 x 4 convolutions (32, 32, 64 channels),
+    then a linear layer, as the official MNIST encoder's shape (a small conv net into one slot)."""
+    side = size // 8
+    return nn.Sequential(nn.Conv2d(1, 32, 4, 2, 1), nn.ReLU(), nn.Conv2d(32, 32, 4, 2, 1), nn.ReLU(),
+                         nn.Conv2d(32, 64, 4, 2, 1), nn.ReLU(), nn.Flatten(), nn.Linear(64 * side * side, hidden))
+
+
+def conv_decoder(size, hidden):
+    """(B, hidden) -> image logits (B, size * size): the encoder mirrored with transposed convolutions."""
+    side = size // 8
+    return nn.Sequential(nn.Linear(hidden, 64 * side * side), nn.ReLU(), nn.Unflatten(1, (64, side, side)),
+                         nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.ReLU(), nn.ConvTranspose2d(32, 32, 4, 2, 1), nn.ReLU(),
+                         nn.ConvTranspose2d(32, 1, 4, 2, 1), nn.Flatten())
+
+
 class NPS(nn.Module):
     """forward(x) with x (B, T, input_size) -> logits (B, T, output_size), internals dict."""
 
     def __init__(self, config: NPSConfig):
         super().__init__()
         self.config = c = config
-        S, H, N, G = len(c.input_groups), c.slot_size, c.num_rules, max(c.input_groups)
+        S, H, N = len(c.input_groups), c.slot_size, c.num_rules
+        first = 1 if c.image_size else 0  # slot 0 is an image with a conv encoder of its own
+        G = max(c.input_groups[first:], default=1)
         # slot encoders, one MLP per input group, zero-padded to the widest group
-        index = torch.zeros(S, G, dtype=torch.long)
-        present = torch.zeros(S, G)
-        start = 0
-        for s, size in enumerate(c.input_groups):
+        index = torch.zeros(S - first, G, dtype=torch.long)
+        present = torch.zeros(S - first, G)
+        start = c.input_groups[0] if first else 0
+        for s, size in enumerate(c.input_groups[first:]):
             index[s, :size] = torch.arange(start, start + size)
             present[s, :size] = 1.0
             start += size
         self.register_buffer("group_index", index, persistent=False)
         self.register_buffer("group_present", present, persistent=False)
-        self.enc_w1, self.enc_b1 = _uniform(S, G, c.encoder_hidden, fan_in=G), _uniform(S, c.encoder_hidden, fan_in=G)
-        self.enc_w2 = _uniform(S, c.encoder_hidden, H, fan_in=c.encoder_hidden)
-        self.enc_b2 = _uniform(S, H, fan_in=c.encoder_hidden)
-        # rules: embeddings and one MLP each, [primary, context] (2H) -> update (H)
+        M = S - first  # the slots with MLP encoders
+        self.enc_w1, self.enc_b1 = _uniform(M, G, c.encoder_hidden, fan_in=G), _uniform(M, c.encoder_hidden, fan_in=G)
+        self.enc_w2 = _uniform(M, c.encoder_hidden, H, fan_in=c.encoder_hidden)
+        self.enc_b2 = _uniform(M, H, fan_in=c.encoder_hidden)
+        if c.image_size:
+            self.image_encoder = conv_encoder(c.image_size, H)
+        self.slot_norm = nn.LayerNorm(H) if c.slot_norm else nn.Identity()
+        # rules: embeddings and one MLP each, [primary, context] (2H) or the context (H) -> update (H)
+        R = 2 * H if c.rule_input == "pair" else H
         self.rule_embeddings = nn.Parameter(torch.randn(N, c.rule_size))
-        self.rule_w1, self.rule_b1 = _uniform(N, 2 * H, c.rule_hidden, fan_in=2 * H), _uniform(N, c.rule_hidden, fan_in=2 * H)
+        self.rule_w1, self.rule_b1 = _uniform(N, R, c.rule_hidden, fan_in=R), _uniform(N, c.rule_hidden, fan_in=R)
         self.rule_w2, self.rule_b2 = _uniform(N, c.rule_hidden, H, fan_in=c.rule_hidden), _uniform(N, H, fan_in=c.rule_hidden)
         # stage 1: rule -> query, slot -> key; stage 2: [primary slot, rule] -> query, slot -> key
         self.rule_query = nn.Linear(c.rule_size, c.key_size, bias=False)
-        self.slot_key = nn.Linear(H + c.condition_size, c.key_size, bias=False)
+        if c.slot_keys == "per_slot":  # one key projection per slot (the official grouped linear layer)
+            self.slot_key_weight = _uniform(S, H + c.condition_size, c.key_size, fan_in=H + c.condition_size)
+        else:
+            self.slot_key = nn.Linear(H + c.condition_size, c.key_size, bias=False)
         self.context_query = nn.Linear(H + c.rule_size, c.key_size, bias=False)
         self.context_key = nn.Linear(H, c.key_size, bias=False)
-        self.decoder = nn.Sequential(nn.Linear(H, c.encoder_hidden), nn.ReLU(), nn.Linear(c.encoder_hidden, c.output_size))
+        if c.image_size:
+            self.decoder = conv_decoder(c.image_size, H)
+        else:
+            self.decoder = nn.Sequential(nn.Linear(H, c.encoder_hidden), nn.ReLU(), nn.Linear(c.encoder_hidden, c.output_size))
+        self.score_scale = c.key_size ** -0.5 if c.scale_scores else 1.0
 
     # ------------------------------------------------------------------------------------------
     def encode(self, x):
-        """x (B, input_size) -> slots (B, S, H): each input group through its own MLP."""
-        groups = x[:, self.group_index] * self.group_present  # (B, S, G)
-        return grouped_mlp(groups, self.enc_w1, self.enc_b1, self.enc_w2, self.enc_b2)
+        """x (B, input_size) -> slots (B, S, H): each input group through its own encoder (the image's
+        a conv net, the others MLPs, all of them at once), LayerNormed with slot_norm."""
+        groups = x[:, self.group_index] * self.group_present  # (B, S', G)
+        slots = grouped_mlp(groups, self.enc_w1, self.enc_b1, self.enc_w2, self.enc_b2)
+        if self.config.image_size:
+            side = self.config.image_size
+            image = self.image_encoder(x[:, :side * side].reshape(-1, 1, side, side))
+            slots = torch.cat([image.unsqueeze(1), slots], 1)
+        return self.slot_norm(slots)
 
     def rule_outputs(self, primary, context):
-        """Every rule's MLP on [primary, context] at once: (..., H) each -> (..., N, H)."""
-        inputs = torch.cat([primary, context], -1).unsqueeze(-2)  # (..., 1, 2H)
+        """Every rule's MLP on [primary, context] (or the context alone) at once: (..., H) each -> (..., N, H)."""
+        inputs = (torch.cat([primary, context], -1) if self.config.rule_input == "pair" else context).unsqueeze(-2)
         inputs = inputs.expand(*inputs.shape[:-2], self.config.num_rules, inputs.shape[-1])
         return grouped_mlp(inputs, self.rule_w1, self.rule_b1, self.rule_w2, self.rule_b2)
 
@@ -184,8 +249,12 @@ class NPS(nn.Module):
         """Stage 1 scores of every (rule, slot) pair: (B, N, S). condition (B, C), C may be 0."""
         query = self.rule_query(self.rule_embeddings)  # (N, key)
         condition = condition.unsqueeze(1).expand(-1, slots.shape[1], -1)
-        key = self.slot_key(torch.cat([slots, condition], -1))  # (B, S, key)
-        return torch.einsum("nk,bsk->bns", query, key)  # q_r . k_i, unscaled (see the docstring)
+        keys_in = torch.cat([slots, condition], -1)
+        if self.config.slot_keys == "per_slot":
+            key = torch.einsum("bsi,sik->bsk", keys_in, self.slot_key_weight)  # (B, S, key), slot s by its own map
+        else:
+            key = self.slot_key(keys_in)  # (B, S, key)
+        return torch.einsum("nk,bsk->bns", query, key) * self.score_scale  # q_r . k_i (see the header)
 
     def context_scores(self, slots, primary, rule):
         """Stage 2 scores of every slot as context for (primary (..., H), rule (..., rule_size)):
@@ -193,8 +262,8 @@ class NPS(nn.Module):
         query = self.context_query(torch.cat([primary, rule], -1))  # (..., key)
         key = self.context_key(slots)  # (B, S, key)
         if query.dim() == 2:
-            return torch.einsum("bk,bsk->bs", query, key)
-        return torch.einsum("bpk,bsk->bps", query, key)
+            return torch.einsum("bk,bsk->bs", query, key) * self.score_scale
+        return torch.einsum("bpk,bsk->bps", query, key) * self.score_scale
 
     def apply_sequential(self, slots, condition):
         """One rule application: choose (rule, primary slot), then a context slot, update the primary.
@@ -208,10 +277,14 @@ class NPS(nn.Module):
         scores = self.context_scores(slots, primary, rule)  # step 3: another slot than the primary
         if S > 1:
             scores = scores.masked_fill(primary_mask.detach() > 0.5, float("-inf"))
-        context_mask = hard_choice(scores, tau, sample)  # (B, S)
+        context_mask = hard_choice(scores, self.config.context_tau or tau, sample)  # (B, S)
         context = torch.einsum("bs,bsh->bh", context_mask, slots)
         update = torch.einsum("bn,bnh->bh", rule_mask, self.rule_outputs(primary, context))  # step 4
-        slots = slots + primary_mask.unsqueeze(-1) * update.unsqueeze(1)  # only the primary slot moves
+        written = primary_mask.unsqueeze(-1)
+        if self.config.residual:
+            slots = slots + written * update.unsqueeze(1)  # only the primary slot moves
+        else:  # the primary slot becomes the rule's output
+            slots = slots * (1 - written) + written * update.unsqueeze(1)
         return slots, primary_mask, rule_mask.argmax(-1), primary_mask.argmax(-1), context_mask.argmax(-1)
 
     def apply_parallel(self, slots, condition):
@@ -224,10 +297,10 @@ class NPS(nn.Module):
         scores = self.context_scores(slots, slots, rule)  # (B, S, S): row p, the context of slot p
         if S > 1:
             scores = scores.masked_fill(torch.eye(S, dtype=torch.bool, device=slots.device), float("-inf"))
-        context_mask = hard_choice(scores, tau, sample)  # (B, S, S)
+        context_mask = hard_choice(scores, self.config.context_tau or tau, sample)  # (B, S, S)
         context = context_mask @ slots  # (B, S, H)
         update = torch.einsum("bsn,bsnh->bsh", rule_mask, self.rule_outputs(slots, context))
-        return slots + update, rule_mask.argmax(-1), context_mask.argmax(-1)
+        return (slots + update if self.config.residual else update), rule_mask.argmax(-1), context_mask.argmax(-1)
 
     def step(self, x):
         """One time step: x (B, input_size) -> output (B, output_size), rules, primaries, contexts."""

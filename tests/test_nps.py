@@ -1,6 +1,7 @@
 """Neural Production Systems: the two-stage hard selection, rule application and the arithmetic task."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -232,7 +233,8 @@ def test_mnist_transformations_move_a_pixel_where_they_should(tmp_path):
     from data import MNISTTransform, MNISTTransformConfig, TRANSFORMS
     from test_rims_tasks import write_mnist
     write_mnist(str(tmp_path), n_train=8, n_test=4)
-    task = MNISTTransform(MNISTTransformConfig(shift=3, train_size=8, eval_samples=4), data_dir=str(tmp_path))
+    task = MNISTTransform(MNISTTransformConfig(transforms="quarter_shift", shift=3, train_size=8, eval_samples=4),
+                          data_dir=str(tmp_path))
     image = torch.zeros(1, 28, 28)
     image[0, 10, 5] = 1.0  # row 10, column 5
     expected = {"rotate_left": (22, 10), "rotate_right": (5, 17), "up": (7, 5), "down": (13, 5),
@@ -248,16 +250,98 @@ def test_mnist_transformations_move_a_pixel_where_they_should(tmp_path):
     assert torch.equal(again, batch["y"])
 
 
+def test_the_official_transformations_rotate_a_pixel_by_60_degrees_and_shift_it_by_a_fifth_of_the_canvas(tmp_path):
+    from data import MNISTTransform, MNISTTransformConfig, OFFICIAL_TRANSFORMS, affine_images
+    side, centre = 40, 19.5
+    image = torch.zeros(1, 1, side, side)
+    r, c = 12, 27  # 7.5 rows above and 7.5 columns right of the centre
+    image[0, 0, r - 1:r + 2, c - 1:c + 2] = 1.0  # a 3 x 3 blob, so bilinear sampling keeps a clear peak
+    for angle in (60.0, -60.0):
+        moved = affine_images(image, torch.tensor([angle]), torch.tensor([0.0]))[0, 0]
+        t = math.radians(angle)  # clockwise on screen (y down): x' = x cos - y sin, y' = x sin + y cos
+        dx, dy = c - centre, r - centre
+        expected = (centre + dx * math.sin(t) + dy * math.cos(t), centre + dx * math.cos(t) - dy * math.sin(t))
+        rows, cols = torch.meshgrid(torch.arange(side).float(), torch.arange(side).float(), indexing="ij")
+        mass = (rows * moved).sum() / moved.sum(), (cols * moved).sum() / moved.sum()  # the blob's centre of mass
+        assert abs(mass[0] - expected[0]) < 0.3 and abs(mass[1] - expected[1]) < 0.3, (angle, mass, expected)
+        assert moved.sum().item() == pytest.approx(9.0, rel=0.1)  # mass is kept inside the canvas
+    up = affine_images(image, torch.tensor([0.0]), torch.tensor([-8.0]))[0, 0]
+    assert torch.allclose(up[r - 9:r - 6, c - 1:c + 2], torch.ones(3, 3)) and up.sum() == 9  # 8 px up, exact
+    write_mnist_for(tmp_path)
+    task = MNISTTransform(MNISTTransformConfig(train_size=8, eval_samples=4), data_dir=str(tmp_path))
+    assert task.names == OFFICIAL_TRANSFORMS and task.spec["input_groups"] == (1600, 4) and task.spec["image_size"] == 40
+    batch = task.train_batch(3, torch.Generator().manual_seed(0))
+    assert batch["x"].shape == (3, 4, 1604) and batch["y"].shape == (3, 4, 1600) and batch["op"].shape == (3, 4)
+    assert torch.equal(batch["x"][:, 1:, :1600], batch["y"][:, :-1])  # each frame predicts the next
+    assert torch.equal(batch["x"][:, :, 1600:].argmax(-1), batch["op"])
+    for t in range(4):
+        again = task.transform(batch["x"][:, t, :1600].reshape(3, 40, 40), batch["op"][:, t]).reshape(3, 1600)
+        assert torch.allclose(again, batch["y"][:, t])
+    assert batch["x"][:, 0, :1600].reshape(3, 40, 40)[:, :6].sum() == 0  # the digit starts at the centre
+
+
+def write_mnist_for(folder):
+    from test_rims_tasks import write_mnist
+    write_mnist(str(folder), n_train=16, n_test=8)
+
+
+def official_nps(**overrides):
+    values = dict(input_size=32 * 32 + 4, output_size=32 * 32, input_groups=(1024, 4), condition_size=0, image_size=32,
+                  num_rules=4, slot_size=16, rule_size=6, key_size=8, rule_hidden=16, encoder_hidden=16,
+                  slot_norm=True, slot_keys="per_slot", scale_scores=True, rule_input="context", residual=False,
+                  context_tau=0.5)
+    return NPS(NPSConfig(**{**values, **overrides}))
+
+
+def test_the_transformation_slots_scores_depend_only_on_rule_and_transformation():
+    torch.manual_seed(0)
+    model = official_nps().eval()
+    op = torch.nn.functional.one_hot(torch.tensor([2, 2, 0]), 4).float()
+    x = torch.cat([torch.rand(3, 1024), op], -1)
+    scores = model.match_scores(model.encode(x), x[:, :0])  # (B, N, S): slot 1 is the transformation's
+    assert torch.allclose(scores[0, :, 1], scores[1, :, 1], atol=1e-6)  # other images, same transformation
+    assert not torch.allclose(scores[0, :, 1], scores[2, :, 1])  # another transformation
+    assert not torch.allclose(scores[0, :, 0], scores[1, :, 0])  # the image slot's do depend on the image
+    shared = official_nps(slot_keys="shared")
+    assert not hasattr(shared, "slot_key_weight") and model.slot_key_weight.shape == (2, 16, 8)
+    raw = official_nps(scale_scores=False).eval()
+    raw.load_state_dict(model.state_dict())
+    assert torch.allclose(raw.match_scores(raw.encode(x), x[:, :0]) * 8 ** -0.5, scores, atol=1e-6)
+
+
+def test_the_rule_output_is_the_only_path_from_the_image_to_the_decoder():
+    torch.manual_seed(0)
+    model = official_nps().eval()
+    with torch.no_grad():  # every rule outputs its bias alone: nothing of the slot it reads gets through
+        model.rule_w2.zero_()
+    op = torch.nn.functional.one_hot(torch.tensor([1, 1]), 4).float()
+    x = torch.cat([torch.rand(2, 1024), op], -1)
+    logits, internals = model(x.unsqueeze(1))
+    if internals["rules"][0, 0, 0] == internals["rules"][1, 0, 0]:  # the same rule for both images
+        assert torch.allclose(logits[0], logits[1], atol=1e-6)
+    # and the gradient reaches the image encoder only through the rule (and the choice's soft scores)
+    model = official_nps().train()
+    logits, _ = model(x.unsqueeze(1))
+    logits.sum().backward()
+    assert model.rule_w1.grad.abs().sum() > 0 and model.image_encoder[0].weight.grad.abs().sum() > 0
+    residual = official_nps(residual=True).eval()
+    slots = residual.encode(x)
+    new, mask, *_ = residual.apply_sequential(slots, x[:, :0])
+    assert torch.allclose((new - slots) * (1 - mask.unsqueeze(-1)), torch.zeros_like(slots))  # one slot moves
+
+
 def test_nps_trains_on_mnist_transform_and_reports_bce_purity_and_a_figure(tmp_path):
     from test_rims_tasks import write_mnist
     write_mnist(str(tmp_path / "mnist"), n_train=16, n_test=8)
-    out = tmp_path / "out"
-    result = train.main(["--model", "nps", "--task", "mnist_transform", "--data_dir", str(tmp_path / "mnist"),
-                         "--train_size", "16", "--eval_samples", "8", "--max_iters", "20", "--eval_interval", "20", "--log_interval", "5",
-                         "--batch_size", "8", "--slot_size", "16", "--encoder_hidden", "16", "--rule_hidden", "16",
-                         "--lr", "1e-2", "--out_dir", str(out)])
-    metrics = result["metrics"]
-    assert metrics["bce@test"] > 0 and 1 / 6 <= metrics["rule_purity@test"] <= 1
-    assert (out / "outputs_test.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    losses = [json.loads(line)["loss"] for line in open(out / "log.jsonl") if '"loss"' in line]
-    assert losses[-1] < losses[0]
+    for name, extra in (("official", ["--canvas", "32", "--chain", "2"]), ("quarter", ["--transforms", "quarter_shift"])):
+        out = tmp_path / name
+        result = train.main(["--model", "nps", "--task", "mnist_transform", "--data_dir", str(tmp_path / "mnist"),
+                             "--train_size", "16", "--eval_samples", "8", "--max_iters", "20", "--eval_interval", "20",
+                             "--log_interval", "5", "--batch_size", "8", "--slot_size", "16", "--encoder_hidden", "16",
+                             "--rule_hidden", "16", "--lr", "1e-2", "--out_dir", str(out), *extra])
+        metrics = result["metrics"]
+        assert metrics["bce@test"] > 0 and 1 / 6 <= metrics["rule_purity@test"] <= 1
+        assert (out / "outputs_test.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        losses = [json.loads(line)["loss"] for line in open(out / "log.jsonl") if '"loss"' in line]
+        assert losses[-1] < losses[0]
+    assert result["model"].config.image_size == 0
