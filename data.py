@@ -2056,6 +2056,103 @@ class SeqCIFAR(SeqMNIST):
 
 
 # ----------------------------------------------------------------------------------------------
+# Neural Interpreters (Rahaman et al. 2021), an MNIST-only stand-in for the paper's multi-task digits
+# (MNIST, SVHN, MNIST-M): datasets derived from MNIST, each with its own CLS token in the model
+
+DIGIT_DOMAINS = ("mnist", "inverted", "rotated")  # the digits as they are; 1 - x; a quarter turn anticlockwise
+
+
+@dataclass
+class DigitsConfig:
+    domain: str = "mnist"  # the dataset trained and tested on: one of DIGIT_DOMAINS
+    train_size: int = 60000  # training images used, the first ones of MNIST's 60k (transfer: 600-6,000)
+    eval_samples: int = 10000  # test images, the first ones of MNIST's 10k
+
+    def __post_init__(self):
+        _check_positive(self, "train_size", "eval_samples")
+        if self.domain not in DIGIT_DOMAINS:
+            raise ValueError(f"domain must be one of {', '.join(DIGIT_DOMAINS)}, got {self.domain!r}")
+        if self.train_size > 60000 or self.eval_samples > 10000:
+            raise ValueError("need train_size <= 60000 and eval_samples <= 10000")
+
+
+class Digits:
+    """Digit classification, an MNIST-only stand-in for the Neural Interpreter's digits tasks. x: images
+    (B, 1, 28, 28) in [0, 1] of one domain of DIGIT_DOMAINS; domain (B,) its index (the model's CLS token);
+    y (B,) the class. Metrics: acc (%), and for the Neural Interpreter usage_u, the mean compatibility of
+    function u over tokens and iterations (the share of the work each function does, domain by domain)."""
+
+    kind = "classify"
+    model_inputs = ("domain",)
+    bench_setting = "test"
+
+    def __init__(self, config, data_dir=None):
+        self.config = config
+        train_images, train_labels = load_mnist(data_dir, "train")
+        test_images, test_labels = load_mnist(data_dir, "test")
+        if len(train_images) < config.train_size or len(test_images) < config.eval_samples:
+            raise DataError(f"MNIST in {data_dir} has {len(train_images)} training and {len(test_images)} test images, "
+                            "fewer than --train_size and --eval_samples ask for: lower them or fix --data_dir")
+        self.index = DIGIT_DOMAINS.index(config.domain)
+        self.data = {"train": (self.in_domain(train_images[:config.train_size]), train_labels[:config.train_size]),
+                     "test": (self.in_domain(test_images[:config.eval_samples]), test_labels[:config.eval_samples])}
+        self.spec = {"kind": self.kind, "image_size": 28, "in_channels": 1, "output_size": 10,
+                     "num_domains": len(DIGIT_DOMAINS)}
+        self.eval_settings = {"test": {}}
+        self.eval_cursor = 0
+
+    def in_domain(self, images):
+        """uint8 (N, 28, 28) -> float (N, 1, 28, 28) in [0, 1], as the configured domain draws them."""
+        x = images.float().unsqueeze(1) / 255
+        if self.config.domain == "inverted":
+            return 1 - x
+        if self.config.domain == "rotated":
+            return torch.rot90(x, 1, (2, 3))
+        return x
+
+    def batch_of(self, split, index):
+        images, labels = self.data[split]
+        return {"x": images[index], "y": labels[index], "domain": torch.full((len(index),), self.index)}
+
+    def train_batch(self, batch_size, generator):
+        return self.batch_of("train", torch.randint(0, len(self.data["train"][1]), (batch_size,), generator=generator))
+
+    def eval_batch(self, setting, batch_size, generator):
+        """The test images in order (train.py asks for consecutive chunks)."""
+        start = self.eval_cursor % self.config.eval_samples
+        self.eval_cursor = start + batch_size
+        return self.batch_of("test", torch.arange(start, start + batch_size) % self.config.eval_samples)
+
+    def loss(self, logits, batch):
+        return F.cross_entropy(logits.float(), batch["y"])
+
+    def metrics(self, logits, batch, internals):
+        result = {"acc": 100.0 * (logits.argmax(-1) == batch["y"]).float().sum().item(), "count": len(batch["y"])}
+        if "compatibility" in internals:  # (B, L, U, N): per sample the mean over iterations and tokens
+            usage = internals["compatibility"].float().mean((1, 3)).sum(0)
+            result.update({f"usage_{u}": value for u, value in enumerate(usage.tolist())})
+        return result
+
+    def figure_panels(self, logits, batch, internals, index=0):
+        """The image, then one row per iteration: each function's compatibility with every patch, laid out
+        where the patch sits (white = 1): which parts of the digit each function reads."""
+        image = batch["x"][index].float().expand(3, -1, -1)
+        panels = [(f"input ({DIGIT_DOMAINS[int(batch['domain'][index])]}, class {int(batch['y'][index])})",
+                   _image_row([image]))]
+        if "compatibility" in internals:
+            C = internals["compatibility"][index].float()  # (L, U, N): token 0 is the CLS token
+            L, U, N = C.shape
+            grid = math.isqrt(N - 1)
+            up = image.shape[-1] // grid
+            for t in range(L):
+                maps = C[t, :, 1:].reshape(U, grid, grid).repeat_interleave(up, 1).repeat_interleave(up, 2)
+                cls = " ".join(f"{v:.2f}" for v in C[t, :, 0].tolist())
+                panels.append((f"iteration {t + 1}, functions 0-{U - 1} (cls {cls})",
+                               _image_row([m.expand(3, -1, -1) for m in maps])))
+        return panels
+
+
+# ----------------------------------------------------------------------------------------------
 
 TASKS = {  # name -> (config class, task class)
     "copy": (CopyConfig, Copy),
@@ -2075,4 +2172,5 @@ TASKS = {  # name -> (config class, task class)
     "mnist_transform": (MNISTTransformConfig, MNISTTransform),
     "seqcifar": (SeqCIFARConfig, SeqCIFAR),
     "mnist_mechanisms": (MNISTMechanismsConfig, MNISTMechanisms),
+    "digits": (DigitsConfig, Digits),
 }

@@ -246,6 +246,16 @@ RECIPES = {
         "optimum' (Fig. 6); one expert per mechanism",
         metrics=("acc_transformed@test", "acc_inverted@test", "acc_original@test", "owned@test", "purity@test"),
         targets=(("acc_inverted@test", ">", 0.93), ("owned@test", ">", 8.5)), data="mnist", doc="docs/lim.md"),
+    # ---- Neural Interpreters (Rahaman et al. 2021): an MNIST-only stand-in for the paper's multi-task digits
+    "ni_digits": Recipe(
+        "a Neural Interpreter classifies digits on par with a ViT of its size (NI section 4.1; MNIST-only stand-in "
+        "for MNIST, SVHN, MNIST-M)", "neural_interpreter", "digits",
+        paper="on par with a ViT with fewer parameters (multi-task digits)",
+        metrics=("acc@test", "usage_0@test", "usage_1@test", "usage_2@test", "usage_3@test", "usage_4@test"),
+        targets=(("acc@test", ">", 97.0),), data="mnist", doc="docs/neural_interpreter.md"),
+    "vit_digits": Recipe(
+        "the ViT of about the same size on the same digits (NI's baseline)", "vit", "digits",
+        metrics=("acc@test",), data="mnist", doc="docs/neural_interpreter.md", note="baseline"),
     # ---- Neural Production Systems (Goyal, Didolkar et al. 2021)
     "nps_arithmetic": Recipe(
         "NPS gives each operation a rule of its own and extrapolates to longer sequences (NPS, official synthetic task)",

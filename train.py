@@ -44,6 +44,8 @@ from slot_attention import SlotAttention, SlotAttentionConfig
 from universal_transformer import TransformerConfig, UniversalTransformer, UTConfig
 from brims import BRIMs, BRIMsConfig
 from lim import LIM, LIMConfig
+from neural_interpreter import NeuralInterpreter, NIConfig
+from vit import ViT, ViTConfig
 
 # name -> (config class, model class, task kinds it fits, compile on the CPU). Adding a model is one row here.
 # The last column: torch.compile is the default on CUDA for every model and on the CPU for those whose compiled
@@ -65,13 +67,15 @@ MODELS = {
     "nps": ModelEntry(NPSConfig, NPS, ("autoregressive", "transform"), False),
     "brims": ModelEntry(BRIMsConfig, BRIMs, ("sequence",), True),
     "lim": ModelEntry(LIMConfig, LIM, ("unpaired",), False),
+    "neural_interpreter": ModelEntry(NIConfig, NeuralInterpreter, ("classify",), False),
+    "vit": ModelEntry(ViTConfig, ViT, ("classify",), False),
 }
 
 # Model fields that model_config_for takes from task.spec (never flags): the data decides them
 # (sizes, integer-code vocabularies, for NPS which input channels form a slot, condition the
 # rules or are fed back, and whether outputs need a decoder).
 SIZED_BY_TASK = ("input_size", "output_size", "vocab_size", "sentence_length", "question_position_mask", "image_size",
-                 "in_channels", "input_vocab", "input_groups", "condition_size", "feedback_size", "decoder")
+                 "in_channels", "input_vocab", "input_groups", "condition_size", "feedback_size", "decoder", "num_domains")
 
 # Of those, the ones a flag may set where the task's spec leaves them out: input_vocab is set by tasks of
 # byte inputs (seqcifar); for MNIST's binary pixel the preset embeds it (2) and --input_vocab 0 feeds it as is.
@@ -158,6 +162,15 @@ PRESETS = {
                                       eval_samples=200),
     ("lstm", "arithmetic"): dict(hidden_size=64, num_layers=1, max_iters=3000, batch_size=50, lr=1e-3,
                                  decay_lr=True, grad_clip=1.0, eval_interval=1000, log_interval=50),
+    # Neural Interpreters on the MNIST stand-in, CPU scale (docs/neural_interpreter.md): 28 x 28 in patches of 7
+    # (16 tokens and a CLS token), width 64, types of 16, 5 functions, 4 iterations, 2 heads of 16; Adam 1e-3, batch 64.
+    # The ViT baseline: about as many parameters (2 layers of width 64, MLP 64: 55k against 56k)
+    ("neural_interpreter", "digits"): dict(patch_size=7, width=64, code_size=64, type_size=16, num_functions=5,
+                                           num_iterations=4, num_heads=2, head_size=16, max_iters=3000, batch_size=64,
+                                           lr=1e-3, decay_lr=True, eval_interval=500, log_interval=50,
+                                           eval_samples=2000),
+    ("vit", "digits"): dict(patch_size=7, width=64, depth=2, num_heads=2, mlp_size=64, max_iters=3000, batch_size=64,
+                            lr=1e-3, decay_lr=True, eval_interval=500, log_interval=50, eval_samples=2000),
 }
 
 
@@ -179,6 +192,7 @@ class TrainConfig:
     compile: bool = None  # torch.compile; default: on for CUDA, on the CPU where MODELS marks it faster, off on MPS
     figures: bool = True  # draw PNG figures after the final evaluation
     resume: bool = False  # continue from <out_dir>/ckpt.pt
+    init_from: str = ""  # start from the weights of this checkpoint (transfer); configs still come from presets and flags
     eval_only: bool = False  # evaluate <out_dir>/ckpt.pt and exit
 
     def __post_init__(self):
@@ -435,9 +449,9 @@ def load_checkpoint(path, model_name, task_name):
         found = (ckpt["model_name"], ckpt["task_name"])
     except Exception:
         raise UserError(f"{path} is not a readable checkpoint (corrupt or not ours): delete it and train again, or pass another --out_dir")
-    if found != (model_name, task_name):
+    if found[0] != model_name or (task_name is not None and found[1] != task_name):  # task None: any task
         raise UserError(f"{path} holds --model {found[0]} --task {found[1]}, not --model {model_name} "
-                        f"--task {task_name}: pass those flags or another --out_dir")
+                        f"--task {task_name or found[1]}: pass those flags or another --out_dir")
     return ckpt
 
 
@@ -630,6 +644,13 @@ def main(argv=None):
             model.load_state_dict(ckpt["model"])
         except RuntimeError:
             raise UserError(f"{ckpt_path} does not match the {model_name} model: delete it or pass another --out_dir")
+    elif cfg.init_from:  # transfer: another run's weights, this run's configs
+        start = load_checkpoint(cfg.init_from, model_name, None)
+        try:
+            model.load_state_dict(start["model"])
+        except RuntimeError:
+            raise UserError(f"--init_from {cfg.init_from} holds a {model_name} of other sizes than this run's: "
+                            "pass the same model flags as its run")
     autocast = autocast_for(device_type)
 
     # evaluation data: fixed seeds, the same for every run and every training seed
@@ -672,7 +693,7 @@ def main(argv=None):
             print(json.dumps(metrics))
         return {"metrics": metrics, "model": model}
 
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)  # transfer freezes some
     data_gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     iter_num, seconds, compile_seconds = 0, 0.0, 0.0
     if ckpt:
