@@ -159,8 +159,11 @@ def test_train_py_trains_both_models_on_digits_and_transfers_with_init_from(tmp_
         train.main(["--model", "ntm", *common[:8], "--out_dir", str(tmp_path / "y")])
 
 
-def test_neural_interpreter_py_runs_alone_in_an_empty_folder(tmp_path):
+def test_neural_interpreter_py_and_vit_py_run_alone_in_an_empty_folder(tmp_path):
     for name in ("neural_interpreter.py", "vit.py"):
         shutil.copy(os.path.join(ROOT, name), tmp_path / name)
-        out = subprocess.run([sys.executable, name], cwd=tmp_path, capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stderr
+    both = "import runpy; runpy.run_path('neural_interpreter.py', run_name='__main__'); runpy.run_path('vit.py', run_name='__main__')"
+    out = subprocess.run([sys.executable, "-c", both], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": ""})
+    assert out.returncode == 0, out.stderr
+    assert "sums over functions [1.0, 1.0, 1.0, 1.0, 1.0]" in out.stdout and "(2, 10)" in out.stdout
