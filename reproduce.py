@@ -77,6 +77,9 @@ QUARTER_NPS = dict(transforms="quarter_shift", num_rules=6, slot_size=128, rule_
                    residual=True, context_tau=0.0, max_iters=2000, batch_size=64, lr=1e-3, decay_lr=True)
 QUARTER_LSTM = dict(transforms="quarter_shift", max_iters=2000, batch_size=64)
 
+# Transfer on the digits stand-in: from the MNIST runs of the same seed to inverted digits, 500 steps of 64
+TRANSFER = dict(domain="inverted", max_iters=500, batch_size=64, lr=1e-3, eval_interval=500, log_interval=50)
+
 # The recipes. Each row of the README's results table is one of these.
 RECIPES = {
     # ---- Neural Turing Machine (Graves et al. 2014)
@@ -256,6 +259,20 @@ RECIPES = {
     "vit_digits": Recipe(
         "the ViT of about the same size on the same digits (NI's baseline)", "vit", "digits",
         metrics=("acc@test",), data="mnist", doc="docs/neural_interpreter.md", note="baseline"),
+    "ni_transfer": Recipe(
+        "trained on MNIST, a Neural Interpreter learns inverted digits from 1-10 % of their data by new CLS tokens "
+        "and codes alone (NI section 4.2, stand-in)", "neural_interpreter", "digits",
+        flags=dict(TRANSFER, init_from="{out_root}/ni_digits/s{seed}/ckpt.pt"),
+        points={"cls_1pct": dict(train_only="cls", train_size=600), "cls_codes_1pct": dict(train_only="cls_codes", train_size=600),
+                "cls_codes_10pct": dict(train_only="cls_codes", train_size=6000)},
+        paper="sample-efficient transfer from new codes / CLS tokens only", metrics=("acc@test",),
+        targets=(("acc@test", ">", 90.0),), target_points=("cls_codes_10pct",), data="mnist",
+        doc="docs/neural_interpreter.md", note="needs ni_digits' runs first; compared with vit_transfer point by point"),
+    "vit_transfer": Recipe(
+        "the ViT of ni_digits, its head fine-tuned on the same 1-10 % of inverted digits (NI's transfer baseline)",
+        "vit", "digits", flags=dict(TRANSFER, init_from="{out_root}/vit_digits/s{seed}/ckpt.pt", train_only="head"),
+        points={"head_1pct": dict(train_size=600), "head_10pct": dict(train_size=6000)}, metrics=("acc@test",),
+        data="mnist", doc="docs/neural_interpreter.md", note="baseline; needs vit_digits' runs first"),
     # ---- Neural Production Systems (Goyal, Didolkar et al. 2021)
     "nps_arithmetic": Recipe(
         "NPS gives each operation a rule of its own and extrapolates to longer sequences (NPS, official synthetic task)",
@@ -319,7 +336,9 @@ def runs_of(name, recipe, seeds, out_root, data_root):
         model = flags.pop("model", recipe.model)
         for seed in seeds:
             run_dir = os.path.join(out_root, name, *([point] if point else []), f"s{seed}")
-            argv = ["--model", model, "--task", recipe.task, *flag_args(flags), "--seed", str(seed), "--out_dir", run_dir]
+            # a flag may name another recipe's run of the same seed: "{out_root}/ni_digits/s{seed}/ckpt.pt"
+            seeded = {k: v.format(out_root=out_root, seed=seed) if isinstance(v, str) else v for k, v in flags.items()}
+            argv = ["--model", model, "--task", recipe.task, *flag_args(seeded), "--seed", str(seed), "--out_dir", run_dir]
             if recipe.data and data_root:
                 argv += ["--data_dir", os.path.join(data_root, recipe.data)]
             runs.append((point, seed, run_dir, argv))

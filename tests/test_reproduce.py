@@ -168,6 +168,14 @@ def test_every_shipped_recipe_names_a_model_task_and_flags_train_py_accepts():
         assert len(recipe.seeds) == 3 or recipe.note, f"{name}: fewer than 3 seeds needs a reason"
 
 
+def test_a_flag_can_name_another_recipes_run_of_the_same_seed():
+    runs = reproduce.runs_of("ni_transfer", reproduce.RECIPES["ni_transfer"], (1,), "out/x", "")
+    assert len(runs) == 3  # one per point
+    for point, seed, run_dir, argv in runs:
+        assert argv[argv.index("--init_from") + 1] == "out/x/ni_digits/s1/ckpt.pt"
+        assert run_dir.startswith("out/x/ni_transfer/") and run_dir.endswith("/s1")
+
+
 def test_bad_requests_are_one_line_errors(capsys):
     for argv, message in ((["nope"], "unknown recipe nope"), (["ntm_copy", "--seeds", "a"], "--seeds takes"),
                           ([], "name a recipe")):
