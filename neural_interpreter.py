@@ -12,14 +12,14 @@ The idea:
   weights each time). Every function u has a frozen random signature s_u and a learned code c_u.
 - Type inference: each token gets a type t_i = MLP(LN(x_i)). A token is routed to the functions whose
   signature is close to its type: d_ui = 1 - cos(s_u, t_i), K_ui = exp(-d_ui / sigma) where
-  d_ui <= tau, else 0 (Eq. 1-2), and the compatibility C_ui = K_ui / (eps + sum_u K_ui) (Eq. 3).
+  d_ui <= tau, else 0, and the compatibility C_ui = K_ui / (eps + sum_u K_ui) (section 2, type matching).
 - Every linear map of a function is modulated by its code, ModLin(x; c) = W (x * LN(W_c c)) + b
-  (Eq. 4): the functions share W, W_c and b, and differ by their codes only.
+  (section 2, ModLin): the functions share W, W_c and b, and differ by their codes only.
 - A function is a few "lines of code" (LOCs), each a modulated attention and a modulated MLP whose
   updates are weighted by C: a token a function is not compatible with is not touched by it, and the
-  attention between tokens i and j inside function u is weighted by C_ui C_uj (Eq. 5-7).
+  attention between tokens i and j inside function u is weighted by C_ui C_uj (section 2, ModAttn, LOC).
 - An iteration's output is the compatibility-weighted sum of the functions' outputs,
-  y_i = sum_u C_ui x_ui (Eq. 8; no residual around it, as the official digits preset).
+  y_i = sum_u C_ui x_ui (no residual around it, as the official digits preset).
 - Transfer (section 4.2): on a new dataset, train only its new CLS token, or that and the codes of the
   functions, and keep every other weight fixed (train_only).
 
@@ -96,7 +96,7 @@ class NIConfig:
 
 
 def compatibility(signatures, types, bandwidth, truncation, epsilon=1e-6):
-    """Eq. 1-3. signatures (U, T), types (B, N, T) -> C (B, U, N): the truncated Gaussian kernel of the
+    """Type matching (section 2). signatures (U, T), types (B, N, T) -> C (B, U, N): the truncated Gaussian kernel of the
     cosine distance, normalised over functions; 0 for every function where none is within tau."""
     distance = 1 - torch.einsum("ut,bnt->bun", F.normalize(signatures, dim=-1), F.normalize(types, dim=-1))
     scaled = distance / bandwidth  # divided first: exp(-inf / sigma) would give sigma a 0 * inf = NaN gradient
@@ -107,7 +107,7 @@ def compatibility(signatures, types, bandwidth, truncation, epsilon=1e-6):
 
 
 class ModLin(nn.Module):
-    """Eq. 4: ModLin(x; c) = W (x * LN(W_c c)) + b, one shared W, W_c, b for every function.
+    """ModLin (section 2): ModLin(x; c) = W (x * LN(W_c c)) + b, one shared W, W_c, b for every function.
     forward(x (B, U, N, in), codes (U, code)) -> (B, U, N, out)."""
 
     def __init__(self, in_features, out_features, code_size, bias=True):
@@ -121,7 +121,7 @@ class ModLin(nn.Module):
 
 
 class LineOfCode(nn.Module):
-    """One LOC (Eq. 5-7), for every function at once: a modulated attention, then a modulated MLP, each
+    """One line of code (LOC: ModAttn, then ModMLP; section 2), for every function at once: a modulated attention, then a modulated MLP, each
     update weighted by the token's compatibility with the function."""
 
     def __init__(self, c, grid):
@@ -152,11 +152,11 @@ class LineOfCode(nn.Module):
         logits = torch.einsum("buihd,bujhd->buhij", q, k) / math.sqrt(hs)
         logits = logits + self.position_bias[:, :, self.bias_index].unsqueeze(0)  # (1, U, H, N, N)
         weights = logits.softmax(-1)  # over the keys j
-        weights = weights * (C[:, :, None, :, None] * C[:, :, None, None, :])  # Eq. 6: C_ui C_uj
+        weights = weights * (C[:, :, None, :, None] * C[:, :, None, None, :])  # ModAttn: times C_ui C_uj
         weights = weights / (weights.sum(-1, keepdim=True) + self.epsilon)
         attended = torch.einsum("buhij,bujhd->buihd", weights, v).reshape(B, U, N, D)
         gate = C.unsqueeze(-1)
-        a = x + gate * self.out(attended, codes)  # Eq. 7, the attention's update gated by C_ui
+        a = x + gate * self.out(attended, codes)  # LOC: the attention's update gated by C_ui
         m = self.mlp_out(F.gelu(self.mlp_in(self.norm_mlp(a), codes)), codes)
         return a + gate * m  # and the MLP's
 
@@ -183,7 +183,7 @@ class Script(nn.Module):
             xu = x.unsqueeze(1).expand(-1, c.num_functions, -1, -1)  # every function starts from the same tokens
             for line in self.lines:
                 xu = line(xu, self.codes, C)
-            x = torch.einsum("bun,bund->bnd", C, xu)  # Eq. 8: y_i = sum_u C_ui x_ui
+            x = torch.einsum("bun,bund->bnd", C, xu)  # the function iteration's output: y_i = sum_u C_ui x_ui
             maps.append(C)
         return x, torch.stack(maps, 1)
 

@@ -1,4 +1,4 @@
-"""Neural Interpreters: the kernel and compatibility (Eq. 1-3), ModLin (Eq. 4), function permutation,
+"""Neural Interpreters: the kernel and compatibility, ModLin, function permutation,
 transfer that trains only CLS tokens and codes, the ViT baseline and the digits stand-in through train.py."""
 
 import os
@@ -32,7 +32,7 @@ def test_compatibility_sums_to_one_over_functions_and_is_exactly_zero_beyond_tau
     assert torch.equal(C[0, :, 2], torch.zeros(2))  # 1 - cos > 1.2 for both signatures: no function
     d = 1 - torch.nn.functional.cosine_similarity(signatures[:, None], types[0, None, :2], dim=-1)  # (U, 2)
     kernel = torch.exp(-d)
-    assert torch.allclose(C[0, :, :2], kernel / (kernel.sum(0) + 1e-6), atol=1e-5)  # Eq. 1-3 by hand
+    assert torch.allclose(C[0, :, :2], kernel / (kernel.sum(0) + 1e-6), atol=1e-5)  # the kernel by hand
     (C * torch.arange(6.0).view(1, 2, 3)).sum().backward()
     assert torch.isfinite(types.grad).all() and torch.isfinite(bandwidth.grad)
     assert types.grad[0, 2].abs().sum() == 0  # the truncated token gets no gradient
