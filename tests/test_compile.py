@@ -120,6 +120,10 @@ def tiny_model(name):
         return BRIMs(BRIMsConfig(input_size=5, output_size=3, num_layers=2, num_modules=(6, 4), num_active=(4, 2),
                                  hidden_size=(24, 16), input_key_size=8, input_value_size=10, comm_heads=2,
                                  comm_key_size=4, comm_value_size=4)), (2, 5, 5)
+    if name == "neural_interpreter":
+        from neural_interpreter import NeuralInterpreter, NIConfig
+        return NeuralInterpreter(NIConfig(image_size=28, in_channels=1, patch_size=7, width=16, code_size=16, type_size=8,
+                                          num_functions=3, num_iterations=2, num_heads=2, head_size=4)), (2, 1, 28, 28)
     return SlotAttention(SlotAttentionConfig(image_size=16, num_slots=3, slot_size=16, mlp_hidden_size=32,
                                              encoder_channels=8, decoder_channels=8, encoder_stride_layers=1,
                                              decoder_init_size=4)), (2, 3, 16, 16)
@@ -132,7 +136,7 @@ def test_compiled_training_step_matches_eager_outputs_and_gradients(name, monkey
     monkeypatch.setattr(inductor_config, "fallback_random", True)  # the same random numbers as eager
     torch.manual_seed(0)
     model, shape = tiny_model(name)
-    x = torch.rand(shape) if name == "slot_attention" else (torch.rand(shape) > 0.5).float()
+    x = torch.rand(shape) if name in ("slot_attention", "neural_interpreter") else (torch.rand(shape) > 0.5).float()
 
     def outputs_and_grads(module):
         torch.manual_seed(1)

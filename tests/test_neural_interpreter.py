@@ -137,7 +137,8 @@ def test_train_py_trains_both_models_on_digits_and_transfers_with_init_from(tmp_
     from test_rims_tasks import write_mnist
     write_mnist(str(tmp_path / "mnist"), n_train=64, n_test=16)
     common = ["--task", "digits", "--data_dir", str(tmp_path / "mnist"), "--train_size", "64", "--eval_samples", "16",
-              "--max_iters", "6", "--eval_interval", "6", "--batch_size", "8", "--width", "16", "--num_heads", "2"]
+              "--max_iters", "6", "--eval_interval", "6", "--batch_size", "8", "--width", "16", "--num_heads", "2",
+              "--no-compile"]
     ni = ["--model", "neural_interpreter", "--code_size", "16", "--type_size", "8", "--num_iterations", "2",
           "--head_size", "4"]
     result = train.main([*ni, *common, "--out_dir", str(tmp_path / "ni")])
