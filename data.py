@@ -888,14 +888,17 @@ class Algorithmic(SequenceTask):
         return {**{k: v / count for k, v in totals.items()}, "token_char_acc": right / max(scored, 1)}
 
     def figure_panels(self, logits, batch, internals, index=0):
-        """Target and greedy output digits (the scored ones), and ponder per input and output position."""
+        """Target and greedy output digits (the scored ones); ponder (rho) and steps (N) per input and output
+        position (rho = N + R: a position with N = 1 has rho = 2)."""
         keep = batch["mask"][index] > 0
         panels = [("target", batch["y"][index][keep].unsqueeze(0) / 9),
                   ("output", logits[index].argmax(-1)[keep].unsqueeze(0) / 9)]
-        for name in ("ponder", "decoder_ponder"):
-            if f"{name}_cost" in internals:
-                ponder = internals[f"{name}_cost"][index].float().unsqueeze(0)
-                panels.append((f"{name} per position (max {ponder.max():.1f})", ponder / ponder.max()))
+        for prefix in ("", "decoder_"):
+            if f"{prefix}ponder_cost" in internals:
+                ponder = internals[f"{prefix}ponder_cost"][index].float().unsqueeze(0)
+                steps = internals[f"{prefix}steps"][index].float().unsqueeze(0)
+                panels.append((f"{prefix}ponder per position (max {ponder.max():.1f})", ponder / ponder.max()))
+                panels.append((f"{prefix}steps n per position (max {int(steps.max())})", steps / steps.max().clamp(min=1)))
         return panels
 
 
