@@ -1105,7 +1105,8 @@ class Sprites:
 
     def figure_panels(self, reconstruction, batch, internals, images=4):
         """Paper Fig. 2: per test image, input | reconstruction | each slot's masked reconstruction;
-        then each slot's attention at every iteration (white = 1). RGB panels (H, W, 3) in [0, 1]."""
+        then each slot's attention at every iteration (2b) and its decoded mask at every iteration (2c)
+        (white = 1). RGB panels (H, W, 3) in [0, 1]."""
         panels = []
         for b in range(min(images, len(batch["x"]))):
             row = [self.to_display(batch["x"][b]), self.to_display(reconstruction[b].float())]
@@ -1119,6 +1120,9 @@ class Sprites:
                 for t in range(attention.shape[0]):
                     maps = attention[t].repeat_interleave(up, -2).repeat_interleave(up, -1)
                     panels.append((f"attention iteration {t + 1}", _image_row([m.expand(3, -1, -1) for m in maps])))
+            if "masks_per_iteration" in internals:  # Fig. 2c: the slots of every iteration, decoded to masks
+                for t, masks in enumerate(internals["masks_per_iteration"][b].float()):
+                    panels.append((f"decoded masks iteration {t + 1}", _image_row([m.expand(3, -1, -1) for m in masks])))
         return panels
 
 
