@@ -646,6 +646,8 @@ def main(argv=None):
         except RuntimeError:
             raise UserError(f"{ckpt_path} does not match the {model_name} model: delete it or pass another --out_dir")
     elif cfg.init_from:  # transfer: another run's weights, this run's configs
+        if not os.path.isfile(cfg.init_from):
+            raise UserError(f"--init_from {cfg.init_from}: no such checkpoint; pass a run's ckpt.pt")
         start = load_checkpoint(cfg.init_from, model_name, None)
         try:
             model.load_state_dict(start["model"])

@@ -156,6 +156,9 @@ def test_train_py_trains_both_models_on_digits_and_transfers_with_init_from(tmp_
     with pytest.raises(train.UserError, match="holds --model neural_interpreter"):
         train.main(["--model", "vit", *common, "--init_from", str(tmp_path / "ni" / "ckpt.pt"), "--out_dir", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
+    with pytest.raises(train.UserError, match="no such checkpoint"):
+        train.main([*ni, *common, "--init_from", str(tmp_path / "none.pt"), "--out_dir", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
     with pytest.raises(train.UserError, match="does not fit"):
         train.main(["--model", "ntm", *common[:8], "--out_dir", str(tmp_path / "y")])
 
