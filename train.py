@@ -212,6 +212,9 @@ class UserError(Exception):
 # Command line: every dataclass field is a flag.
 
 class Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):  # no abbreviations: --mode (NPS) must not be read as --model
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
     def error(self, message):
         raise UserError(f"{message} (see python train.py --model M --task T -h)")
 

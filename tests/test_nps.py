@@ -220,6 +220,14 @@ def eval_json(line):
     return json.loads(line)
 
 
+def test_the_mode_flag_is_not_taken_for_an_abbreviated_model_flag():
+    model, task, flags = train.parse_args(["--model", "nps", "--task", "arithmetic", "--mode", "parallel",
+                                           "--readout_slot", "0"])
+    assert (model, task, flags["mode"], flags["readout_slot"]) == ("nps", "arithmetic", "parallel", 0)
+    with pytest.raises(train.UserError, match="unrecognized arguments: --max_it"):
+        train.parse_args(["--model", "nps", "--task", "arithmetic", "--max_it", "5"])
+
+
 def test_models_that_cannot_feed_back_are_refused_on_arithmetic(tmp_path):
     with pytest.raises(train.UserError, match="use one of lstm, nps"):
         train.main(["--model", "ntm", "--task", "arithmetic", "--out_dir", str(tmp_path / "x")])
