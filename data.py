@@ -1780,7 +1780,9 @@ class MNISTTransform(SequenceTask):
             panels.append((f"rule ({' '.join(str(int(r)) for r in rules)})",
                            (rules / max(used - 1, 1)).repeat_interleave(side + 2).unsqueeze(0)))
             counts = op_rule_counts(batch["op"], internals["rules"], len(self.names))[:, :used]
-            panels.append((f"transformation ({' '.join(labels)}) x rule", counts / counts.sum(1, keepdim=True).clamp(min=1)))
+            share = counts / counts.sum(1, keepdim=True).clamp(min=1)  # rows: transformations; big cells to read
+            panels.append((f"transformation ({' '.join(labels)}, rows) x rule (columns)",
+                           share.repeat_interleave(side // 4, 0).repeat_interleave(side // 4, 1)))
         return panels
 
 
