@@ -1525,6 +1525,9 @@ class ArithmeticConfig:
     data_seed: int = 0  # the fixed training set is drawn from this seed, the same for every run
     eval_lengths: tuple = (10, 20, 30, 40, 50)  # evaluated autoregressively at these lengths
     eval_samples: int = 2000  # official: 2k validation sequences
+    # keep the checkpoint with the lowest mse on validation sequences of the training length (drawn apart from
+    # the test sets) and report the test lengths for it; the official code keeps its best-evaluating model too
+    validation: bool = False
 
     def __post_init__(self):
         _check_positive(self, "length", "train_sequences", "eval_samples")
@@ -1552,6 +1555,10 @@ class Arithmetic(SequenceTask):
         self.spec = {"kind": self.kind, "input_size": 5, "output_size": 1, "input_groups": (1, 1),
                      "condition_size": 3, "feedback_size": 1}
         self.eval_settings = {str(n): {"length": n} for n in config.eval_lengths}
+        if config.validation:  # the autoregressive error at the end of training swings by up to 10x (docs/nps.md)
+            self.eval_settings[f"val{config.length}"] = {"length": config.length}
+            self.selection_settings = tuple(self.eval_settings)  # the test lengths too: log.jsonl shows them
+            self.selection_metric, self.selection_minimise = f"mse@val{config.length}", True
         self.train_set = self.make_batch(config.train_sequences, torch.Generator().manual_seed(config.data_seed),
                                          config.length)
 
@@ -1650,6 +1657,9 @@ class MNISTTransformConfig:
     canvas: int = 40  # the canvas side (official: 64; a multiple of 8 for the conv encoder)
     chain: int = 4  # transformations per sequence (official transform_length 4); quarter_shift: 1
     shift: int = 4  # pixels per translation (quarter_shift only)
+    # official only: "slot", the one-hot transformation is a slot of its own (official); "key", it joins the
+    # image slot's stage 1 key as a condition instead (one slot; how quarter_shift gives it)
+    condition: str = "slot"
     train_size: int = 10000  # training digits: the first ones of MNIST's 60k training images
     eval_samples: int = 2000  # test digits: the first ones of MNIST's 10k test images
 
@@ -1659,6 +1669,8 @@ class MNISTTransformConfig:
             raise ValueError("need shift < 28, train_size <= 60000 and eval_samples <= 10000")
         if self.transforms not in ("official", "quarter_shift"):
             raise ValueError(f"transforms must be 'official' or 'quarter_shift', got {self.transforms!r}")
+        if self.condition not in ("slot", "key"):
+            raise ValueError(f"condition must be 'slot' or 'key', got {self.condition!r}")
         if self.transforms == "official" and (self.canvas < 32 or self.canvas % 8):
             raise ValueError(f"canvas must be a multiple of 8 and at least 32, got {self.canvas}")
 
@@ -1683,7 +1695,7 @@ class MNISTTransform(SequenceTask):
     of `canvas` pixels, then `chain` transformations one after another from OFFICIAL_TRANSFORMS; frame t
     is the input of step t and frame t + 1 its target (the true frame is always the input). Each step:
     x (B, T, canvas^2 + 4), the image (one slot) then the one-hot transformation (a slot of its own:
-    input_groups (canvas^2, 4)); y (B, T, canvas^2). quarter_shift: one step on 28 x 28 from TRANSFORMS,
+    input_groups (canvas^2, 4); condition="key": a condition of the image slot's key); y (B, T, canvas^2). quarter_shift: one step on 28 x 28 from TRANSFORMS,
     the one-hot as a condition read by the rule choice only, as before. Metrics: bce, binary
     cross-entropy summed over the pixels, mean per frame; rule_purity over the transformation x rule counts."""
 
@@ -1704,8 +1716,10 @@ class MNISTTransform(SequenceTask):
         n, side = len(self.names), (config.canvas if self.official else 28)
         self.side, self.steps = side, (config.chain if self.official else 1)
         if self.official:
+            as_slot = config.condition == "slot"
             self.spec = {"kind": self.kind, "input_size": side * side + n, "output_size": side * side,
-                         "input_groups": (side * side, n), "condition_size": 0, "image_size": side}
+                         "input_groups": (side * side, n) if as_slot else (side * side,),
+                         "condition_size": 0 if as_slot else n, "image_size": side}
         else:
             self.spec = {"kind": self.kind, "input_size": 784 + n, "output_size": 784, "input_groups": (784,),
                          "condition_size": n}

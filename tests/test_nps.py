@@ -220,6 +220,26 @@ def eval_json(line):
     return json.loads(line)
 
 
+def test_arithmetic_validation_keeps_the_test_sets_and_reports_the_checkpoint_lowest_on_validation(tmp_path):
+    plain = train.fixed_eval_data(Arithmetic(ArithmeticConfig(eval_samples=8, eval_lengths=(10, 30))), 8)
+    task = Arithmetic(ArithmeticConfig(eval_samples=8, eval_lengths=(10, 30), validation=True))
+    with_val = train.fixed_eval_data(task, 8)
+    assert list(with_val) == ["10", "30", "val20"] and task.selection_metric == "mse@val20" and task.selection_minimise
+    for setting in ("10", "30"):  # the test sequences are the same with and without a validation set
+        assert torch.equal(plain[setting][0]["x"], with_val[setting][0]["x"])
+    assert not torch.equal(with_val["val20"][0]["x"][:, :10], with_val["10"][0]["x"])  # drawn apart from them
+    out = tmp_path / "run"
+    result = train.main(["--model", "nps", "--task", "arithmetic", "--validation", "--max_iters", "40",
+                         "--eval_interval", "10", "--lr", "1e-2", "--slot_size", "16", "--rule_hidden", "16",
+                         "--batch_size", "16", "--train_sequences", "200", "--eval_samples", "50",
+                         "--eval_lengths", "10,30", "--out_dir", str(out), "--no-figures"])
+    evals = [r for r in map(eval_json, open(out / "log.jsonl")) if "mse@val20" in r]
+    best = min(evals, key=lambda r: (r["mse@val20"], -r["iter"]))
+    metrics = result["metrics"]
+    assert metrics["selected_iter"] == best["iter"]
+    assert metrics["mse@10"] == pytest.approx(best["mse@10"]) and metrics["mse@val20"] == pytest.approx(best["mse@val20"])
+
+
 def test_the_mode_flag_is_not_taken_for_an_abbreviated_model_flag():
     model, task, flags = train.parse_args(["--model", "nps", "--task", "arithmetic", "--mode", "parallel",
                                            "--readout_slot", "0"])
