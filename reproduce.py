@@ -268,28 +268,26 @@ RECIPES = {
         "the ViT baseline trained the same 8,000 steps", "vit", "digits", flags=dict(max_iters=8000),
         metrics=("acc@test",), data="mnist", doc="docs/neural_interpreter.md", note="baseline"),
     "ni_transfer": Recipe(
-        "trained on MNIST, a Neural Interpreter learns inverted digits from 1-10 % of their data by new CLS tokens "
-        "and codes alone (NI section 4.2, stand-in)", "neural_interpreter", "digits",
+        "trained on MNIST, a Neural Interpreter learns a new domain (inverted digits; rotated) from 1-10 % of its data "
+        "by new CLS tokens and codes alone (NI section 4.2, stand-in)", "neural_interpreter", "digits",
         flags=dict(TRANSFER, init_from="{out_root}/ni_digits/s{seed}/ckpt.pt"),
         points={"cls_1pct": dict(train_only="cls", train_size=600), "cls_codes_1pct": dict(train_only="cls_codes", train_size=600),
-                "cls_codes_10pct": dict(train_only="cls_codes", train_size=6000)},
+                "cls_codes_10pct": dict(train_only="cls_codes", train_size=6000),
+                "cls_codes_10pct_rotated": dict(train_only="cls_codes", train_size=6000, domain="rotated")},
         paper="sample-efficient transfer from new codes / CLS tokens only", metrics=("acc@test",),
         targets=(("acc@test", ">", 90.0),), target_points=("cls_codes_10pct",), data="mnist",
         doc="docs/neural_interpreter.md", note="needs ni_digits' runs first; compared with vit_transfer point by point"),
     "vit_transfer": Recipe(
-        "the ViT of ni_digits, its head fine-tuned on the same 1-10 % of inverted digits (NI's transfer baseline)",
+        "the ViT of vit_digits, its head fine-tuned on the same 1-10 % of inverted (or rotated) digits (NI's transfer baseline)",
         "vit", "digits", flags=dict(TRANSFER, init_from="{out_root}/vit_digits/s{seed}/ckpt.pt", train_only="head"),
-        points={"head_1pct": dict(train_size=600), "head_10pct": dict(train_size=6000)}, metrics=("acc@test",),
+        points={"head_1pct": dict(train_size=600), "head_10pct": dict(train_size=6000),
+                "head_10pct_rotated": dict(train_size=6000, domain="rotated")}, metrics=("acc@test",),
         data="mnist", doc="docs/neural_interpreter.md", note="baseline; needs vit_digits' runs first"),
     # ---- Neural Production Systems (Goyal, Didolkar et al. 2021)
     "nps_arithmetic": Recipe(
         "NPS gives each operation a rule of its own and extrapolates to longer sequences (NPS, official synthetic task)",
         "nps", "arithmetic", paper="mse@20 5e-4, mse@50 1.8e-3 (official code)",
         metrics=("mse@20", "mse@50", "rule_purity@20"),
-        targets=(("rule_purity@20", ">", 0.99), ("mse@20", "<", 6e-4)), doc="docs/nps.md"),
-    "nps_arithmetic_6k": Recipe(
-        "the same NPS recipe trained twice as long (6,000 steps)", "nps", "arithmetic", flags=dict(max_iters=6000),
-        paper="mse@20 5e-4, mse@50 1.8e-3 (official code)", metrics=("mse@20", "mse@50", "rule_purity@20"),
         targets=(("rule_purity@20", ">", 0.99), ("mse@20", "<", 6e-4)), doc="docs/nps.md"),
     "nps_arithmetic_parallel": Recipe(
         "NPS in parallel mode (every slot picks its own rule at once) on the same arithmetic task", "nps",
@@ -308,6 +306,12 @@ RECIPES = {
         flags=dict(mode="parallel", readout_slot=0, max_iters=6000, validation=True, eval_interval=250),
         paper="mse@20 5e-4, mse@50 1.8e-3 (official code, sequential)",
         metrics=("mse@20", "mse@50", "rule_purity@20", "selected_iter"),
+        targets=(("rule_purity@20", ">", 0.99), ("mse@20", "<", 5e-4)), doc="docs/nps.md"),
+    "nps_arithmetic_rules4_select": Recipe(
+        "NPS (sequential, the paper's form) with a fourth rule spare, 6,000 steps, the checkpoint lowest on "
+        "validation sequences", "nps", "arithmetic",
+        flags=dict(num_rules=4, max_iters=6000, validation=True, eval_interval=250),
+        paper="mse@20 5e-4, mse@50 1.8e-3 (official code)", metrics=("mse@20", "mse@50", "rule_purity@20", "selected_iter"),
         targets=(("rule_purity@20", ">", 0.99), ("mse@20", "<", 5e-4)), doc="docs/nps.md"),
     "lstm_arithmetic": Recipe(
         "the LSTM on the same arithmetic sequences (NPS's baseline)", "lstm", "arithmetic",
