@@ -119,6 +119,10 @@ def test_a_grid_recipe_runs_each_point_with_each_seed(monkeypatch, tmp_path):
     assert reproduce.verdict(result["recipe"], result) == "no"  # the target binds the 'small' point only
     png = (tmp_path / "r" / "grid.png").read_bytes()  # the bars of each figure metric per point (ACT Fig. 4)
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    # a point added to the recipe after the run: its row is stale and shows the points that were run
+    recipe.points["later"] = dict(controller_size=4)
+    line = next(line for line in reproduce.table(str(tmp_path / "r")).splitlines() if "`grid`" in line)
+    assert "small: bit_err@2" in line and "later:" not in line and "stale" in line
 
 
 def test_verdicts_follow_the_targets_over_every_seed():
