@@ -632,7 +632,7 @@ def runs_table(result):
     """Per-seed (and per-point) table of a recipe's row metrics, for its docs page."""
     rec = result["recipe"]
     step = "selected_iter" if any("selected_iter" in r["metrics"] for r in result["runs"]) else "iter"
-    keys = list(rec["metrics"]) + [step]  # the step reported: the last one, or the one validation selected
+    keys = [k for k in rec["metrics"] if k != step] + [step]  # the step reported: the last one, or the one validation selected
     grid = bool(rec.get("points"))
     head = (["point"] if grid else []) + ["seed"] + keys + ["wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
