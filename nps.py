@@ -72,6 +72,8 @@ embedding) and its rule MLP maps them to the result directly. We keep the paper'
 form and give the operation to the stage 1 keys as a condition instead of a slot of its own.
 
 Reproduce the arithmetic result: python train.py --model nps --task arithmetic
+  (every seed at the official error: --mode parallel --readout_slot 0 --max_iters 6000 --validation
+  --eval_interval 250, which keeps the checkpoint best on validation sequences as the official code does)
 The MNIST transformations:      python train.py --model nps --task mnist_transform --data_dir DIR
 """
 
