@@ -2158,7 +2158,8 @@ class Digits:
 
     def figure_panels(self, logits, batch, internals, index=0):
         """The image, then one row per iteration: each function's compatibility with every patch, laid out
-        where the patch sits (white = 1): which parts of the digit each function reads."""
+        where the patch sits, in red over the digit in grey (full red = the largest compatibility of the
+        figure, given in the label): which parts of the digit each function reads."""
         image = batch["x"][index].float().expand(3, -1, -1)
         panels = [(f"input ({DIGIT_DOMAINS[int(batch['domain'][index])]}, class {int(batch['y'][index])})",
                    _image_row([image]))]
@@ -2167,11 +2168,13 @@ class Digits:
             L, U, N = C.shape
             grid = math.isqrt(N - 1)
             up = image.shape[-1] // grid
+            top = C[:, :, 1:].max().clamp(min=1e-6)
+            digit = 0.45 * image[0]
             for t in range(L):
-                maps = C[t, :, 1:].reshape(U, grid, grid).repeat_interleave(up, 1).repeat_interleave(up, 2)
+                maps = C[t, :, 1:].reshape(U, grid, grid).repeat_interleave(up, 1).repeat_interleave(up, 2) / top
                 cls = " ".join(f"{v:.2f}" for v in C[t, :, 0].tolist())
-                panels.append((f"iteration {t + 1}, functions 0-{U - 1} (cls {cls})",
-                               _image_row([m.expand(3, -1, -1) for m in maps])))
+                panels.append((f"iteration {t + 1}, functions 0-{U - 1}, red = compatibility (full: {top:.2f}; cls {cls})",
+                               _image_row([torch.stack([torch.maximum(m, digit), digit, digit]) for m in maps])))
         return panels
 
 
