@@ -43,7 +43,8 @@ def main(argv=None):
         ckpt = load_checkpoint(os.path.join(run, "ckpt.pt"), "nps", "mnist_transform")
         task_config = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["task_config"].items()}
         try:
-            task = MNISTTransform(MNISTTransformConfig(**{**task_config, "train_size": 1000, "eval_samples": 100}), args.data_dir)
+            task = MNISTTransform(MNISTTransformConfig(**{**task_config, "train_size": min(task_config["train_size"], 1000),
+                                                             "eval_samples": min(task_config["eval_samples"], 100)}), args.data_dir)
         except DataError as e:
             raise UserError(str(e))
         x = task.train_batch(256, torch.Generator().manual_seed(0))["x"][:, 0]

@@ -14,6 +14,8 @@ import train
 from data import Arithmetic, ArithmeticConfig, rule_purity
 from nps import NPS, NPSConfig, grouped_mlp, hard_choice
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+
 
 def small(**overrides):
     config = dict(slot_size=16, rule_size=8, key_size=8, rule_hidden=16, encoder_hidden=16)
@@ -361,7 +363,8 @@ def test_the_rule_output_is_the_only_path_from_the_image_to_the_decoder():
 def test_nps_trains_on_mnist_transform_and_reports_bce_purity_and_a_figure(tmp_path):
     from test_rims_tasks import write_mnist
     write_mnist(str(tmp_path / "mnist"), n_train=16, n_test=8)
-    for name, extra in (("official", ["--canvas", "32", "--chain", "2"]), ("quarter", ["--transforms", "quarter_shift"])):
+    for name, extra in (("official", ["--canvas", "32", "--chain", "2"]), ("quarter", ["--transforms", "quarter_shift"]),
+                        ("key", ["--canvas", "32", "--chain", "2", "--condition", "key"])):
         out = tmp_path / name
         result = train.main(["--model", "nps", "--task", "mnist_transform", "--data_dir", str(tmp_path / "mnist"),
                              "--train_size", "16", "--eval_samples", "8", "--max_iters", "20", "--eval_interval", "20",
@@ -372,4 +375,35 @@ def test_nps_trains_on_mnist_transform_and_reports_bce_purity_and_a_figure(tmp_p
         assert (out / "outputs_test.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         losses = [json.loads(line)["loss"] for line in open(out / "log.jsonl") if '"loss"' in line]
         assert losses[-1] < losses[0]
-    assert result["model"].config.image_size == 0
+        if name == "key":  # the transformation is a condition of the one image slot's key
+            assert (result["model"].config.input_groups, result["model"].config.condition_size) == ((1024,), 4)
+        if name == "quarter":
+            assert result["model"].config.image_size == 0
+
+
+def test_the_per_rule_figure_forces_each_rule_and_agrees_with_the_model_where_it_chose_that_rule(tmp_path, capsys):
+    import nps_rule_outputs
+    import nps_score_spread
+    from test_rims_tasks import write_mnist
+    write_mnist(str(tmp_path / "mnist"), n_train=16, n_test=8)
+    out = tmp_path / "run"
+    result = train.main(["--model", "nps", "--task", "mnist_transform", "--data_dir", str(tmp_path / "mnist"),
+                         "--train_size", "16", "--eval_samples", "8", "--max_iters", "4", "--eval_interval", "4",
+                         "--batch_size", "8", "--slot_size", "16", "--encoder_hidden", "16", "--rule_hidden", "16",
+                         "--canvas", "32", "--chain", "2", "--out_dir", str(out), "--no-figures"])
+    model = result["model"].eval()
+    x = torch.rand(5, 32 * 32 + 4)
+    x[:, 1024:] = torch.nn.functional.one_hot(torch.arange(5) % 4, 4).float()
+    with torch.no_grad():
+        logits, internals = model(x.unsqueeze(1))
+    forced = nps_rule_outputs.every_rule(model, x)  # (rules, 5, 1024)
+    chosen = internals["rules"][:, 0, 0]
+    assert forced.shape == (4, 5, 1024)
+    assert torch.allclose(forced[chosen, torch.arange(5)], torch.sigmoid(logits[:, 0]), atol=1e-5)
+    nps_rule_outputs.main(["--run", str(out), "--data_dir", str(tmp_path / "mnist"), "--digits", "3",
+                           "--out", str(tmp_path / "rules.png")])
+    assert (tmp_path / "rules.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    nps_score_spread.main(["--runs", str(out), "--data_dir", str(tmp_path / "mnist"), "--seeds", "0"])
+    assert "stage 1 scores, std over (rule, slot)" in capsys.readouterr().out
+    with pytest.raises(train.UserError, match="must be a .png file"):
+        nps_rule_outputs.main(["--run", str(out), "--data_dir", str(tmp_path / "mnist"), "--out", str(tmp_path / "no" / "x.png")])
