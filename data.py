@@ -1695,8 +1695,9 @@ class MNISTTransform(SequenceTask):
     of `canvas` pixels, then `chain` transformations one after another from OFFICIAL_TRANSFORMS; frame t
     is the input of step t and frame t + 1 its target (the true frame is always the input). Each step:
     x (B, T, canvas^2 + 4), the image (one slot) then the one-hot transformation (a slot of its own:
-    input_groups (canvas^2, 4); condition="key": a condition of the image slot's key); y (B, T, canvas^2). quarter_shift: one step on 28 x 28 from TRANSFORMS,
-    the one-hot as a condition read by the rule choice only, as before. Metrics: bce, binary
+    input_groups (canvas^2, 4); condition="key": a condition of the image slot's key instead); y (B, T,
+    canvas^2). quarter_shift: one step on 28 x 28 from TRANSFORMS, the one-hot as a condition read by the
+    rule choice only, as before. Metrics: bce, binary
     cross-entropy summed over the pixels, mean per frame; rule_purity over the transformation x rule counts."""
 
     kind = "transform"

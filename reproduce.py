@@ -274,7 +274,8 @@ RECIPES = {
         points={"cls_1pct": dict(train_only="cls", train_size=600), "cls_codes_1pct": dict(train_only="cls_codes", train_size=600),
                 "cls_codes_10pct": dict(train_only="cls_codes", train_size=6000),
                 "cls_codes_10pct_rotated": dict(train_only="cls_codes", train_size=6000, domain="rotated")},
-        paper="sample-efficient transfer from new codes / CLS tokens only", metrics=("acc@test",),
+        paper="sample-efficient transfer from new codes / CLS tokens only",
+        metrics=("acc@test", "usage_0@test", "usage_1@test", "usage_2@test", "usage_3@test", "usage_4@test"),
         targets=(("acc@test", ">", 90.0),), target_points=("cls_codes_10pct",), data="mnist",
         doc="docs/neural_interpreter.md", note="needs ni_digits' runs first; compared with vit_transfer point by point"),
     "vit_transfer": Recipe(
