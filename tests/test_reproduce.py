@@ -174,7 +174,7 @@ def test_every_shipped_recipe_names_a_model_task_and_flags_train_py_accepts():
 
 def test_a_flag_can_name_another_recipes_run_of_the_same_seed():
     runs = reproduce.runs_of("ni_transfer", reproduce.RECIPES["ni_transfer"], (1,), "out/x", "")
-    assert len(runs) == 3  # one per point
+    assert len(runs) == len(reproduce.RECIPES["ni_transfer"].points) >= 3  # one per point
     for point, seed, run_dir, argv in runs:
         assert argv[argv.index("--init_from") + 1] == "out/x/ni_digits/s1/ckpt.pt"
         assert run_dir.startswith("out/x/ni_transfer/") and run_dir.endswith("/s1")
