@@ -299,3 +299,26 @@ def test_official_init_is_glorot_uniform_with_zero_biases_and_an_orthogonal_gru_
     assert not gru.bias_ih.any() and not gru.bias_hh.any()
     default = SlotAttention(SlotAttentionConfig(image_size=16, num_slots=3, encoder_stride_layers=1, decoder_init_size=8))
     assert default.slot_attention.gru.bias_ih.any()  # PyTorch's default init is kept otherwise
+
+
+def test_the_mask_figure_draws_each_scene_from_a_trained_run(tmp_path):
+    import struct
+    import train
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+    import slot_attention_masks
+    out = tmp_path / "run"
+    train.main(["--model", "slot_attention", "--task", "sprites", "--out_dir", str(out), "--max_iters", "1",
+                "--no-figures", "--no-compile", *TINY])
+    sizes = []
+    for scenes in (1, 2):
+        png = tmp_path / f"masks{scenes}.png"
+        slot_attention_masks.main(["--run", str(out), "--scenes", str(scenes), "--out", str(png)])
+        data = png.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        sizes.append(struct.unpack(">II", data[16:24]))  # (width, height)
+    (w1, h1), (w2, h2) = sizes
+    assert h2 / w2 > 1.5 * h1 / w1  # one block of rows per scene, the same columns
+    with pytest.raises(train.UserError, match="--scenes must be 1..4"):
+        slot_attention_masks.main(["--run", str(out), "--scenes", "5", "--out", str(tmp_path / "x.png")])
+    with pytest.raises(train.UserError, match="no checkpoint"):
+        slot_attention_masks.main(["--run", str(tmp_path / "none"), "--out", str(tmp_path / "x.png")])
