@@ -18,6 +18,7 @@ from test_rims_tasks import write_mnist
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import lim_curves  # noqa: E402
+import lim_scores  # noqa: E402
 
 
 def tiny(**kw):
@@ -199,7 +200,7 @@ def test_the_task_splits_mnist_into_unpaired_halves_and_tests_every_digit_under_
     assert torch.equal(chunks[0]["x"][8], 1 - chunks[0]["original"][8])  # invert
 
 
-def test_lim_trains_on_mnist_mechanisms_and_reports_figure_6_and_8(tmp_path):
+def test_lim_trains_on_mnist_mechanisms_and_reports_figure_6_and_8(tmp_path, capsys):
     write_mnist(str(tmp_path / "mnist"), n_train=40, n_test=4)
     out = tmp_path / "out"
     result = train.main(["--model", "lim", "--task", "mnist_mechanisms", "--data_dir", str(tmp_path / "mnist"),
@@ -217,6 +218,20 @@ def test_lim_trains_on_mnist_mechanisms_and_reports_figure_6_and_8(tmp_path):
     # resumes in the adversarial phase: the step counter is in the checkpoint
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert int(ckpt["model"]["train_steps"]) == 8
+    # experiments/lim_scores.py: D's score of every expert per mechanism; its main expert is the model's winner
+    model, task = result["model"].eval(), MNISTMechanisms(MNISTMechanismsConfig(train_size=40, eval_samples=2,
+                                                                                evaluator_iters=5), str(tmp_path / "mnist"))
+    canonical, rows = lim_scores.score_table(model, task)
+    assert 0 <= canonical <= 1 and [r[0] for r in rows] == list(MECHANISMS)
+    for m, (name, as_is, per_expert, best, main) in enumerate(rows):
+        x = apply_mechanisms(task.test_images, torch.full((2,), m), 4, 0.5, torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            _, internals = model(x)
+        assert per_expert.shape == (3,) and best >= per_expert.max().item() - 1e-6
+        if m != MECHANISMS.index("noise"):  # noise is drawn afresh
+            assert main == int(torch.bincount(internals["winner"], minlength=3).argmax())
+    lim_scores.main(["--run", str(out), "--data_dir", str(tmp_path / "mnist")])
+    assert capsys.readouterr().out.count("\n| ") == len(MECHANISMS) + 1  # the header and one row per mechanism
 
 
 def test_lim_refuses_tasks_it_does_not_fit(tmp_path):
