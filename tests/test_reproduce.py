@@ -64,6 +64,7 @@ def test_a_recipe_runs_every_seed_and_writes_the_results_file(tiny, tmp_path):
     assert saved["machine"]["parallel_runs"] == 2 and saved["machine"]["cores"] == os.cpu_count()
 
 
+@pytest.mark.slow  # 14 s of the default suite's two minutes; .ci/run runs it with -m slow
 def test_a_finished_seed_is_not_run_again_and_an_interrupted_one_resumes(tiny, tmp_path, monkeypatch):
     out = tmp_path / "out" / "tiny"
     shutil.rmtree(out / "s1")  # seed 0 finished; seed 1 is interrupted after 2 of its 4 steps: a checkpoint, no metrics
