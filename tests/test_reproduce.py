@@ -103,6 +103,7 @@ def test_a_run_folder_made_with_other_settings_is_refused_not_reused(tiny, tmp_p
     assert (tmp_path / "results" / "tiny.json").read_text() == before  # nothing rewritten
 
 
+@pytest.mark.slow  # 7 s of the default suite's two minutes; .ci/run runs it with -m slow
 def test_a_grid_recipe_runs_each_point_with_each_seed(monkeypatch, tmp_path):
     shared = dict(max_iters=2, eval_interval=2, max_len=3, eval_lengths=(2, 4), eval_samples=8, batch_size=2,
                   compile=False, figures=False)

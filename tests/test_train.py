@@ -276,6 +276,7 @@ def test_act_on_parity_trains_with_its_ponder_cost_and_reports_it(tmp_path):
     assert os.path.exists(os.path.join(out, "outputs_8.png"))  # ponder steps vs non-zero inputs
 
 
+@pytest.mark.slow  # 6 s of the default suite's two minutes; .ci/run runs it with -m slow
 def test_bench_times_a_training_step_and_writes_json_rows(tmp_path):
     rows = tmp_path / "bench.jsonl"
     proc = subprocess.run([sys.executable, "bench.py", "--models", "ntm,act", "--tasks", "copy,parity",
