@@ -842,6 +842,12 @@ def main(argv=None):
     return {"metrics": metrics if master else None, "model": raw_model}
 
 
+def check_png_out(path):
+    """The --out of a figure script: a .png in a folder that exists, else one UserError line."""
+    if not path.endswith(".png") or not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise UserError(f"--out {path} must be a .png file in a folder that exists")
+
+
 def run_command(main):
     """Run a command-line main(): a UserError is one line on stderr and exit status 2 (train.py and the
     experiments/ scripts)."""

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import MECHANISM_LABELS, MECHANISMS  # noqa: E402
-from train import UserError, heatmap, line_chart, run_command, text_image, write_png  # noqa: E402
+from train import UserError, check_png_out, heatmap, line_chart, run_command, text_image, write_png  # noqa: E402
 
 SERIES = (("acc_original@test", "ORIGINAL", (60, 150, 60)), ("acc_inverted@test", "AFTER WINNING EXPERT", (200, 60, 40)),
           ("acc_transformed@test", "TRANSFORMED", (70, 110, 190)))
@@ -62,8 +62,7 @@ def main(argv=None):
     parser.add_argument("--out", default="lim_figure6.png", help="the PNG to write")
     args = parser.parse_args(argv)
     runs = [r for r in args.runs.split(",") if r]
-    if not args.out.endswith(".png") or not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-        raise UserError(f"--out {args.out} must be a .png file in a folder that exists")
+    check_png_out(args.out)
     panels = [run_panel(run) for run in runs]
     height = max(p.shape[0] for p in panels)
     panels = [torch.cat([p, torch.full((height - p.shape[0], p.shape[1], 3), 255, dtype=torch.uint8)]) for p in panels]

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import OFFICIAL_TRANSFORMS, DataError, MNISTTransform, MNISTTransformConfig  # noqa: E402
 from nps import NPS, NPSConfig  # noqa: E402
-from train import UserError, draw_panels, fixed_eval_data, load_checkpoint, run_command  # noqa: E402
+from train import UserError, check_png_out, draw_panels, fixed_eval_data, load_checkpoint, run_command  # noqa: E402
 
 LABELS = {"rotate_right": "R60", "rotate_left": "L60", "up": "UP", "down": "DOWN"}
 
@@ -58,8 +58,7 @@ def main(argv=None):
     parser.add_argument("--digits", type=int, default=6, help="test digits to show")
     parser.add_argument("--out", default="nps_rules.png", help="the PNG to write")
     args = parser.parse_args(argv)
-    if not args.out.endswith(".png") or not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-        raise UserError(f"--out {args.out} must be a .png file in a folder that exists")
+    check_png_out(args.out)
     if not 1 <= args.digits <= 12:
         raise UserError(f"--digits must be 1..12, got {args.digits}")
     ckpt = load_checkpoint(os.path.join(args.run, "ckpt.pt"), "nps", "mnist_transform")

@@ -25,7 +25,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from train import UserError, line_chart, load_checkpoint, run_command, text_image, write_png  # noqa: E402
+from train import UserError, check_png_out, line_chart, load_checkpoint, run_command, text_image, write_png  # noqa: E402
 
 MODELS = (("ntm", (200, 60, 40)), ("lstm", (70, 110, 190)))  # red, blue
 
@@ -91,8 +91,7 @@ def main(argv=None):
     parser.add_argument("--top", type=float, default=40.0, help="the cost chart's y range: 0 to this many bits")
     parser.add_argument("--top_errors", type=float, default=80.0, help="the error chart's y range: 0 to this many bits")
     args = parser.parse_args(argv)
-    if not args.out.endswith(".png") or not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-        raise UserError(f"--out {args.out} must be a .png file in a folder that exists")
+    check_png_out(args.out)
     if args.smooth < 1 or args.top <= 0 or args.top_errors <= 0:
         raise UserError("--smooth must be at least 1, --top and --top_errors above 0")
     runs = {"ntm": read_runs(args.ntm, "ntm"), "lstm": read_runs(args.lstm, "lstm")}

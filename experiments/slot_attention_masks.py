@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import Sprites, SpritesConfig  # noqa: E402
 from slot_attention import SlotAttention, SlotAttentionConfig  # noqa: E402
-from train import UserError, draw_panels, fixed_eval_data, load_checkpoint, run_command  # noqa: E402
+from train import UserError, check_png_out, draw_panels, fixed_eval_data, load_checkpoint, run_command  # noqa: E402
 
 
 def main(argv=None):
@@ -30,8 +30,7 @@ def main(argv=None):
     parser.add_argument("--scenes", type=int, default=2, help="test scenes to show (1-4)")
     parser.add_argument("--out", default="slot_attention_masks.png", help="the PNG to write")
     args = parser.parse_args(argv)
-    if not args.out.endswith(".png") or not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-        raise UserError(f"--out {args.out} must be a .png file in a folder that exists")
+    check_png_out(args.out)
     if not 1 <= args.scenes <= 4:
         raise UserError(f"--scenes must be 1..4, got {args.scenes}")
     ckpt = load_checkpoint(os.path.join(args.run, "ckpt.pt"), "slot_attention", "sprites")
