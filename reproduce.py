@@ -63,7 +63,7 @@ class Recipe:
 # docs/rims.md
 COPY_DELAY20_PROTOCOL = dict(delay=20, eval_delays=(20, 80, 200), max_iters=10000, eval_interval=1000, log_interval=50)
 # the paper's delays: trained at 50, tested at 50, 100 and 200; the same 10,000 steps (a step costs ~1.7x)
-COPY_DELAY50_PROTOCOL = dict(delay=50, eval_delays=(50, 100, 200), max_iters=10000, eval_interval=1000, log_interval=50)
+COPY_DELAY50_PROTOCOL = dict(COPY_DELAY20_PROTOCOL, delay=50, eval_delays=(50, 100, 200))
 
 # Sequential MNIST at CPU scale: 4,000 steps of 32 images (2.7 epochs of the 48k training images; the presets run
 # 300), Adam 1e-3 as the official scripts (the presets' 3e-3 made the LSTM unstable: docs/rims.md), validation on
