@@ -23,6 +23,7 @@ import io
 import json
 import math
 import os
+import shutil
 import struct
 import sys
 import time
@@ -198,6 +199,7 @@ class TrainConfig:
     resume: bool = False  # continue from <out_dir>/ckpt.pt
     init_from: str = ""  # start from the weights of this checkpoint (transfer); configs still come from presets and flags
     eval_only: bool = False  # evaluate <out_dir>/ckpt.pt and exit
+    stop_when: str = ""  # stop at the first evaluation where this holds, METRIC<VALUE or METRIC>VALUE (e.g. err@64<2)
 
     def __post_init__(self):
         for name in ("max_iters", "batch_size", "eval_interval", "log_interval", "warmup_iters", "lr_half_life"):
@@ -205,6 +207,20 @@ class TrainConfig:
                 raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
         if not self.lr > 0 or self.grad_clip < 0:
             raise ValueError(f"--lr must be > 0 and --grad_clip >= 0, got {self.lr}, {self.grad_clip}")
+        if self.stop_when:
+            parse_stop_rule(self.stop_when)
+
+
+def parse_stop_rule(text):
+    """'err@64<2' -> ('err@64', '<', 2.0); a ValueError naming the form otherwise."""
+    for op in ("<", ">"):
+        name, sep, value = text.partition(op)
+        if sep and name.strip():
+            try:
+                return name.strip(), op, float(value)
+            except ValueError:
+                break
+    raise ValueError(f"--stop_when must read METRIC<VALUE or METRIC>VALUE (e.g. err@64<2), got {text!r}")
 
 
 class UserError(Exception):
@@ -724,6 +740,7 @@ def main(argv=None):
 
     model = training_module(compiling)
 
+    created_out_dir = not os.path.isdir(out_dir)
     if master:
         os.makedirs(out_dir, exist_ok=True)
         if not ckpt:
@@ -768,6 +785,7 @@ def main(argv=None):
     bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=not master, dynamic_ncols=True,
                desc=f"{model_name} {task_name}")
     t_last, seqs_since = time.time(), 0
+    stop_rule = parse_stop_rule(cfg.stop_when) if cfg.stop_when else None
     while iter_num < cfg.max_iters:
         t0 = time.time()
         if cfg.decay_lr or cfg.warmup_iters or cfg.lr_half_life:
@@ -816,6 +834,7 @@ def main(argv=None):
             t_last, seqs_since = time.time(), 0
         bar.update(1)
         if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
+            stop = torch.zeros(1)
             if master:
                 metrics = evaluation(iter_num, seconds, periodic_settings)
                 log(metrics)
@@ -824,7 +843,23 @@ def main(argv=None):
                     best = {"value": sign * metrics[selection], "iter": iter_num,
                             "model": {k: v.detach().cpu().clone() for k, v in raw_model.state_dict().items()}}
                 bar.write(" ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+                if stop_rule:
+                    name, op, value = stop_rule
+                    if name not in metrics:  # found out at the first evaluation: leave nothing of this run behind
+                        if created_out_dir:
+                            shutil.rmtree(out_dir, ignore_errors=True)
+                        raise UserError(f"--stop_when names {name!r}, which this run does not measure: pick one of "
+                                        f"{', '.join(k for k in metrics if k not in ('iter', 'seconds', 'compile_seconds'))}")
+                    stop[0] = float(metrics[name] < value if op == "<" else metrics[name] > value)
+            if ddp:  # every rank stops with rank 0
+                stop_device = stop.to(device)
+                torch.distributed.broadcast(stop_device, 0)
+                stop = stop_device.cpu()
             checkpoint()
+            if stop.item():
+                if master:
+                    bar.write(f"stopping at step {iter_num}: {cfg.stop_when} holds")
+                break
     bar.close()
 
     if master:
