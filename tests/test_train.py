@@ -133,6 +133,8 @@ def test_write_png_round_trips_pixels(tmp_path):
     (["--eval_lengths", "a,b"], "comma-separated ints"),
     (["--device", "tpu"], "unknown --device 'tpu'"),
     (["--resume"], "no checkpoint at"),
+    (["--stop_when", "err@20"], "--stop_when must read METRIC<VALUE or METRIC>VALUE"),
+    (["--stop_when", "err@20<low"], "--stop_when must read METRIC<VALUE or METRIC>VALUE"),
     (["--eval_only"], "no checkpoint at"),
 ])
 def test_bad_input_is_refused_before_anything_is_written(tmp_path, flags, message):
@@ -274,6 +276,21 @@ def test_act_on_parity_trains_with_its_ponder_cost_and_reports_it(tmp_path):
     assert sum(curve[-3:]) / 3 < curve[0]
     assert metrics["err@8"] < 25  # chance is 50 %
     assert os.path.exists(os.path.join(out, "outputs_8.png"))  # ponder steps vs non-zero inputs
+
+
+def test_stop_when_ends_training_at_the_first_evaluation_where_it_holds(tmp_path):
+    flags = ["--model", "act", "--task", "parity", "--input_size", "8", "--hidden_size", "16", "--eval_samples",
+             "64", "--batch_size", "8", "--max_iters", "40", "--eval_interval", "10", "--log_interval", "10", "--no-figures"]
+    out = str(tmp_path / "stops")
+    metrics = main(["--out_dir", out, *flags, "--stop_when", "err@8<101"])["metrics"]  # holds at once
+    assert metrics["iter"] == 10 and len(losses(out)) == 1  # log_interval 10: one loss, then the stop
+    assert json.load(open(os.path.join(out, "metrics.json")))["iter"] == 10
+    never = main(["--out_dir", str(tmp_path / "runs_on"), *flags, "--stop_when", "err@8<-1"])["metrics"]
+    assert never["iter"] == 40
+    missing = str(tmp_path / "missing")  # a metric the run does not measure: found at the first evaluation
+    with pytest.raises(UserError, match="names 'acc@8', which this run does not measure: pick one of err@8, ponder@8"):
+        main(["--out_dir", missing, *flags, "--stop_when", "acc@8>90"])
+    assert not os.path.exists(missing)
 
 
 @pytest.mark.slow  # 6 s of the default suite's two minutes; .ci/run runs it with -m slow
