@@ -38,11 +38,15 @@ How it is built, and where the paper is silent:
 - The discriminator: 3 x 3 convolutions with ELU, an average pooling after every two, then a hidden
   fully connected layer (the paper: "growing number of filters", 1024 hidden units). No batch norm,
   so its score of one image does not depend on the rest of the batch.
-- One optimiser step does lines 5 and 6 together: the loss is discriminator_loss + expert_loss,
-  with D seeing the experts' outputs detached (line 5 trains D only), and expert_loss computed by
-  a copy of D whose parameters are detached (line 6 trains the experts only). Adam is per parameter,
-  so this is two Adams with the same settings run in the same step, both on the D of before the step
-  (the paper's loop updates D first). The winners come from the same scores D is trained on.
+- updates 'joint' (the default): one optimiser step does lines 5 and 6 together: the loss is
+  discriminator_loss + expert_loss, with D seeing the experts' outputs detached (line 5 trains D only),
+  and expert_loss computed by a copy of D whose parameters are detached (line 6 trains the experts
+  only). Adam is per parameter, so this is two Adams with the same settings run in the same step, both
+  on the D of before the step. The winners come from the same scores D is trained on.
+  updates 'alternate': the paper's loop order, line 5 then line 6, as two optimiser steps: even steps
+  (after the identity phase) train D only, odd steps train the winners only, scored and chosen by the D
+  of the step before. A parameter without a gradient is left alone by Adam, so each network moves only
+  at its own steps; a run needs twice the steps for as many updates of each.
 - Every expert runs on the whole batch without gradient (to be scored; batch norm's statistics are per
   expert over the batch, as in the public code), then each image runs again through its winner only,
   with gradient, normalised with its expert's statistics of the first pass (constants here). So an
@@ -75,10 +79,13 @@ class LIMConfig:
     disc_channels: tuple = (16, 16, 32, 32)  # paper: growing filters, average pooling every two layers
     disc_hidden: int = 1024  # paper: a fully connected layer of 1024 as the last hidden layer
     identity_iters: int = 500  # Algorithm 1, line 1: steps of training every expert as the identity on X'
+    updates: str = "joint"  # 'joint': lines 5 and 6 in one step; 'alternate': a D step (line 5), then an expert step (6)
 
     def __post_init__(self):
         if self.num_experts < 1 or self.expert_layers < 2 or self.expert_channels < 1:
             raise ValueError("need num_experts >= 1, expert_layers >= 2 and expert_channels >= 1")
+        if self.updates not in ("joint", "alternate"):
+            raise ValueError(f"updates must be 'joint' or 'alternate', got {self.updates!r}")
         if not self.disc_channels or self.disc_hidden < 1 or self.identity_iters < 0:
             raise ValueError("need disc_channels, disc_hidden >= 1 and identity_iters >= 0")
         if self.image_size % (2 ** ((len(self.disc_channels) + 1) // 2)):
@@ -228,17 +235,22 @@ class LIM(nn.Module):
         else:
             with torch.no_grad():  # every expert on every image, to score them (line 4)
                 outputs, stats = self.experts(x)  # (B, N', c, H, W): E_j(x') for every j
-            with torch.set_grad_enabled(train):  # D learns from these scores in training (line 5)
+            # 'alternate' runs line 5 at one step and line 6 at the next, so the experts meet the D just updated
+            phase = ("joint" if self.config.updates == "joint" else
+                     ("discriminator", "experts")[int(self.train_steps - self.config.identity_iters) % 2])
+            with torch.set_grad_enabled(train and phase != "experts"):  # D learns from these scores (line 5)
                 scores = self.discriminator(outputs)  # (B, N'): c_j
             winner = scores.detach().argmax(1)  # j* per image
             best = outputs[arange, winner]
             if train:
-                d_loss = self.discriminator_loss(real, scores)  # line 5
-                won = self.experts(x, winner=winner, stats=stats)  # (B, c, H, W), = best, with gradient
-                e_loss = self.expert_loss(won)  # line 6
+                losses = {}
+                if phase != "experts":
+                    losses["discriminator_loss"] = self.discriminator_loss(real, scores)  # line 5
+                if phase != "discriminator":
+                    best = self.experts(x, winner=winner, stats=stats)  # (B, c, H, W), with gradient
+                    losses["expert_loss"] = self.expert_loss(best)  # line 6
                 self.train_steps += 1
-                best = won
-                internals.update(loss=d_loss + e_loss, discriminator_loss=d_loss.detach(), expert_loss=e_loss.detach())
+                internals.update(loss=sum(losses.values()), **{k: v.detach() for k, v in losses.items()})
             internals["scores"] = scores.detach()
         internals["winner"] = winner
         if return_internals:

@@ -87,6 +87,28 @@ def test_only_the_winning_expert_of_each_image_receives_gradient():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.discriminator.parameters())
 
 
+def test_alternate_updates_train_d_at_one_step_and_only_the_winners_at_the_next():
+    torch.manual_seed(1)
+    model = LIM(tiny(num_experts=4, updates="alternate", identity_iters=2))
+    x, real = blobs(3, seed=1), blobs(3, seed=2)
+    for _ in range(2):  # the identity phase: every expert, as joint
+        model(x, real=real)
+    _, internals = model(x, real=real)  # the first adversarial step: line 5 only
+    internals["loss"].backward()
+    assert set(internals) >= {"discriminator_loss"} and "expert_loss" not in internals
+    assert all(p.grad is None for p in model.experts.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.discriminator.parameters())
+    model.zero_grad(set_to_none=True)
+    _, internals = model(x, real=real)  # the next: line 6 only, against the same D
+    internals["loss"].backward()
+    assert "expert_loss" in internals and "discriminator_loss" not in internals
+    assert all(p.grad is None for p in model.discriminator.parameters())
+    winners = set(internals["winner"].tolist())
+    grads = expert_grads(model)
+    assert all((grads[j] > 0) == (j in winners) for j in range(4)), (winners, grads)
+    assert int(model.train_steps) == 4
+
+
 def test_the_expert_gradient_is_that_of_minus_log_d_of_the_winners_output_once_and_d_is_held_fixed():
     """Against a plain reference: every expert on every image, the winner's output picked, -log D of it.
     A doubled backward (a bug of a public implementation) would give twice this."""
@@ -250,7 +272,7 @@ def test_lim_file_imports_and_runs_when_copied_alone(tmp_path):
 
 def test_bad_lim_settings_are_refused():
     for bad in (dict(num_experts=0), dict(expert_layers=1), dict(identity_iters=-1), dict(image_size=30),
-                dict(disc_channels=())):
+                dict(disc_channels=()), dict(updates="sequential")):
         with pytest.raises(ValueError):
             LIMConfig(**bad)
     for bad in (dict(shift=28), dict(noise_std=-0.1), dict(train_size=1), dict(eval_samples=10001)):
