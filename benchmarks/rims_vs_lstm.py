@@ -8,7 +8,8 @@ alternate, run after run, so that a noisy machine slows both alike.
         --comm_value_size 16 --batch_size 32 --threads 1 --compile     # the copy_delay preset's size
 
 Prints the median ms per training step (forward, backward, Adam) of each and its ratio to the LSTM's.
---compile adds the same RIMs with its step compiled (torch.compile, as train.py trains it on the CPU).
+--compile adds the same RIMs with its step compiled (torch.compile, as train.py trains it on the CPU);
+--compile_modes step,max-autotune,whole adds inductor's max-autotune and the whole unrolled forward beside it.
 """
 
 import argparse
@@ -50,12 +51,20 @@ def time_side_by_side(models, loss_of, x, runs, steps):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def with_compiled_step(models, name):
-    """models plus name + '+compile': a copy of models[name] whose step is compiled, as train.py's
-    compile_for_training does for recurrent models on the CPU. Compiling happens in the warm-up."""
-    compiled = copy.deepcopy(models[name])
-    compiled.step = torch.compile(compiled.step)
-    return {name: models[name], f"{name}+compile": compiled, **{k: m for k, m in models.items() if k != name}}
+def with_compiled_step(models, name, modes=("step",)):
+    """models plus a compiled copy of models[name] per mode, after it: 'step' compiles its step as train.py's
+    compile_for_training does for recurrent models on the CPU ('+compile'); 'max-autotune' the same with
+    inductor's max-autotune, which may pick its own C++ GEMM kernels for the matmuls; 'whole' the whole
+    forward, the time loop unrolled (minutes of compiling). Compiling happens in the warm-up."""
+    out = {name: models[name]}
+    for mode in modes:
+        compiled = copy.deepcopy(models[name])
+        if mode == "whole":
+            compiled = torch.compile(compiled)
+        else:
+            compiled.step = torch.compile(compiled.step, mode=None if mode == "step" else mode)
+        out[f"{name}+compile" + ("" if mode == "step" else f"({mode})")] = compiled
+    return {**out, **{k: m for k, m in models.items() if k != name}}
 
 
 def report(models, ms):
@@ -81,6 +90,8 @@ def main():
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--steps", type=int, default=3, help="training steps per timed run")
     parser.add_argument("--compile", action="store_true", help="also time RIMs with its step compiled")
+    parser.add_argument("--compile_modes", default="step",
+                        help="with --compile, comma-separated: step (as train.py), max-autotune, whole")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -92,7 +103,10 @@ def main():
                                       comm_key_size=args.comm_key_size, comm_value_size=args.comm_value_size)),
               "lstm": LSTM(LSTMConfig(**size, num_layers=1))}
     if args.compile:
-        models = with_compiled_step(models, "rims")
+        modes = tuple(m for m in args.compile_modes.split(",") if m)
+        if not modes or any(m not in ("step", "max-autotune", "whole") for m in modes):
+            parser.error(f"--compile_modes takes step, max-autotune and whole, got {args.compile_modes!r}")
+        models = with_compiled_step(models, "rims", modes)
     ms = time_side_by_side(models, lambda logits: task.loss(logits, batch), batch["x"], args.runs, args.steps)
     steps = batch["x"].shape[1]
     print(f"copy_delay T = {args.delay} ({steps} steps), batch {args.batch_size}, hidden {args.hidden_size}, "
