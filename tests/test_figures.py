@@ -55,3 +55,27 @@ def test_line_chart_draws_bands_under_lines_and_clips_to_its_range():
     assert (middle == torch.tensor([178, 178, 238], dtype=torch.uint8)).all(-1).sum() > 20  # the lighter band
     clipped = train.line_chart(xs, [([5.0, 5.0, 5.0], (200, 0, 0))], width=50, height=40, pad=5, top=1.0)
     assert (clipped[5, 10:40] == torch.tensor([200, 0, 0], dtype=torch.uint8)).all()  # at the top edge, not outside
+
+
+def test_act_curves_draws_error_and_ponder_over_steps_and_counts_the_batch_wait(tmp_path, capsys):
+    import act_curves
+    flags = ["--model", "act", "--task", "parity", "--input_size", "8", "--hidden_size", "16", "--eval_samples", "64",
+             "--batch_size", "16", "--max_iters", "30", "--eval_interval", "10", "--no-figures"]
+    act_run, rnn_run = str(tmp_path / "act"), str(tmp_path / "rnn")
+    train.main([*flags, "--out_dir", act_run, "--time_penalty", "1e-4"])
+    train.main([*flags, "--out_dir", rnn_run, "--no-act"])
+    size, steps, err, ponder = act_curves.read_run(act_run)
+    assert size == "8" and steps == [10, 20, 30] and len(err) == len(ponder) == 3
+    mean, most, batch_size = act_curves.batch_wait(act_run, 3)
+    assert batch_size == 16 and 1 <= mean <= most <= 100  # M = 100: no batch runs longer
+    assert act_curves.batch_wait(rnn_run, 3) is None  # one update per input: nothing to wait for
+    out = tmp_path / "curves.png"
+    act_curves.main(["--runs", f"{act_run},{rnn_run}", "--labels", "act,rnn", "--out", str(out), "--wait_batches", "2"])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "act: err@8" in printed and "largest N per batch" in printed and "rnn: err@8" in printed
+    with pytest.raises(train.UserError, match="has no log.jsonl"):
+        act_curves.main(["--runs", str(tmp_path / "none"), "--out", str(tmp_path / "x.png")])
+    with pytest.raises(train.UserError, match="as many names as --runs"):
+        act_curves.main(["--runs", act_run, "--labels", "a,b", "--out", str(tmp_path / "x.png")])
+    assert not (tmp_path / "x.png").exists()
