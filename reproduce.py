@@ -5,6 +5,7 @@ Every result in the README, one command away: named recipes run over seeds, writ
     python reproduce.py ntm_copy                      # run what is missing, write results/ntm_copy.json, print its row
     python reproduce.py rims_seqmnist --data_root DIR --jobs 2      # DIR/mnist, DIR/babi: the datasets' folders
     python reproduce.py ntm_copy --seeds 0 --threads 2              # one seed, two torch threads
+    python reproduce.py act_parity64 --seeds 1 --points tau=1e-2    # one point of a grid, one seed
     python reproduce.py --table                       # rewrite the README's results table from results/*.json
 
 A recipe is a claim of a paper (its table or figure) and the train.py settings that test it: model,
@@ -16,7 +17,9 @@ Each run is `python train.py ... --seed S --out_dir out/reproduce/<recipe>[/<poi
 process with OMP_NUM_THREADS=--threads (default 1: at most two runs on a 2-core machine, each on one
 core). A run whose metrics.json exists is finished and not run again; one with a checkpoint but no
 metrics.json was interrupted and continues with --resume; a run folder whose train.py arguments
-(argv.json) differ from the recipe's now is refused with one line. results/<recipe>.json holds the recipe, the
+(argv.json) differ from the recipe's now is refused with one line. results/<recipe>.json is the lasting
+record: a run it holds that was made with the recipe's settings now is kept and not run again when its
+folder is gone (a fresh checkout), and runs of other seeds or points (--seeds, --points) are added to it. results/<recipe>.json holds the recipe, the
 exact command of its first run (the --data_root folder written as DATA_ROOT: it is this machine's),
 each run's final metrics and wall time, the mean and standard error over seeds of every numeric
 metric, and the torch version, machine and git commit they came from.
@@ -490,29 +493,69 @@ def git_commit():
     return commit + ("-dirty" if dirty else "") if commit else None
 
 
-def reproduce(name, seeds=None, jobs=1, threads=1, out_root="out/reproduce", results_dir="results", data_root=""):
-    """Run what is missing of one recipe, then write results/<name>.json; returns that object."""
+def canonical(value):
+    return json.dumps(json.loads(json.dumps(value)), sort_keys=True)  # tuples and lists alike
+
+
+def recorded(name, results_dir):
+    """{(point, seed): record} of the runs results/<name>.json holds that were made with the recipe's training
+    settings now (model, task, flags and the point's flags). Such a run is not trained again when its folder
+    is gone: a fresh checkout has results/ but not out/."""
+    path = os.path.join(results_dir, f"{name}.json")
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            old = json.load(f)
+        ran, runs = old["recipe"], old["runs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise HarnessError(f"{path} is not a results file reproduce.py wrote: restore it with git checkout, "
+                           "or delete it to rerun the recipe")
+    now = asdict(RECIPES[name])
+    if any(canonical(now[k]) != canonical(ran.get(k)) for k in ("model", "task", "flags")):
+        return {}
+    points_now, points_then = now["points"] or {}, ran.get("points") or {}
+    return {(r.get("point"), r["seed"]): r for r in runs
+            if (r.get("point") is None and not points_now) or (r.get("point") in points_now and r["point"] in points_then
+                                          and canonical(points_now[r["point"]]) == canonical(points_then[r["point"]]))}
+
+
+def reproduce(name, seeds=None, jobs=1, threads=1, out_root="out/reproduce", results_dir="results", data_root="",
+              points=None):
+    """Run what is missing of one recipe (only `points` of a grid, if given), then write results/<name>.json
+    with these runs and every other run it already recorded with the same settings; returns that object."""
     recipe = RECIPES[name]
     seeds = tuple(seeds if seeds is not None else recipe.seeds)
-    runs = runs_of(name, recipe, seeds, out_root, data_root)
+    if points is not None:
+        unknown = [p for p in points if p not in (recipe.points or {})]
+        if unknown:
+            raise HarnessError(f"{name} has no point {', '.join(unknown)}: its points are "
+                               f"{', '.join(recipe.points or {}) or 'none (it is not a grid)'}")
+    kept = recorded(name, results_dir)
+    runs = [run for run in runs_of(name, recipe, seeds, out_root, data_root) if points is None or run[0] in points]
+    todo = [run for run in runs if (run[0], run[1]) not in kept or os.path.exists(run[2])]
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        for future in [pool.submit(run_one, run_dir, argv, threads) for _, _, run_dir, argv in runs]:
+        for future in [pool.submit(run_one, run_dir, argv, threads) for _, _, run_dir, argv in todo]:
             future.result()
-    records = []
-    for point, seed, run_dir, argv in runs:
+    fresh = {}
+    for point, seed, run_dir, argv in todo:
         with open(os.path.join(run_dir, "metrics.json")) as f:
             metrics = json.load(f)
         wall_path = os.path.join(run_dir, "wall_seconds.json")  # written by run_one; absent for runs made by hand
         harness = json.load(open(wall_path)) if os.path.exists(wall_path) else {}
-        records.append({**({"point": point} if point else {}), "seed": seed, "metrics": metrics,
-                        "wall_seconds": harness.get("wall_seconds", metrics.get("seconds", 0)),
-                        **{k: harness[k] for k in ("commit", "load_average") if k in harness}})
-    command = "python train.py " + shlex.join(runs[0][3])
+        fresh[point, seed] = {**({"point": point} if point else {}), "seed": seed, "metrics": metrics,
+                              "wall_seconds": harness.get("wall_seconds", metrics.get("seconds", 0)),
+                              **{k: harness[k] for k in ("commit", "load_average") if k in harness}}
+    order = list(recipe.points or {None: {}})
+    records = [r for _, r in sorted({**kept, **fresh}.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1]))]
+    seeds = tuple(sorted({r["seed"] for r in records}))
+    command = "python train.py " + shlex.join(runs_of(name, recipe, seeds[:1], out_root, data_root)[0][3])
     if recipe.data and data_root:  # where this machine keeps the datasets is no part of the recipe
         command = command.replace(shlex.quote(os.path.join(data_root, recipe.data)), f"DATA_ROOT/{recipe.data}")
     result = {"recipe": {"name": name, **asdict(recipe), "seeds": list(seeds)}, "command": command, "runs": records}
     if recipe.points:
         groups = {p: [r for r in records if r["point"] == p] for p in recipe.points}
+        groups = {p: rs for p, rs in groups.items() if rs}  # a point not run yet has no row
         summaries = {p: summarise(rs) for p, rs in groups.items()}
         result["mean"] = {p: s[0] for p, s in summaries.items()}
         result["stderr"] = {p: s[1] for p, s in summaries.items()}
@@ -603,12 +646,17 @@ def ours(recipe, result):
     """'key mean ± s.e.' for the row's metrics; for a grid, one entry per point."""
     n = len(result["recipe"]["seeds"])
 
-    def cell(mean, err, keys):
+    def cell(mean, err, keys, n=n):
         return ", ".join(f"{k} {fmt(mean[k])}" + (f" ± {fmt(err[k], 2)}" if n > 1 else "") for k in keys if k in mean)
 
     if recipe.get("points"):
-        return "; ".join(f"{p}: {cell(result['mean'][p], result['stderr'][p], recipe['metrics'][:1])}"
-                         for p in recipe["points"] if p in result["mean"])  # a point added since: the row is stale
+        cells = []
+        for p in recipe["points"]:
+            if p in result["mean"]:  # a point added since has none: the row is stale
+                count = sum(r.get("point") == p for r in result["runs"])  # points may differ in seeds run
+                cells.append(f"{p}: {cell(result['mean'][p], result['stderr'][p], recipe['metrics'][:1], count)}"
+                             + (f" ({count} seed{'s' if count > 1 else ''})" if count != n else ""))
+        return "; ".join(cells)
     return cell(result["mean"], result["stderr"], recipe["metrics"]) + (f" ({n} seeds)" if n > 1 else " (1 seed)")
 
 
@@ -753,6 +801,7 @@ def main(argv=None):
     parser.add_argument("--list", action="store_true", help="print every recipe with its claim and CPU minutes")
     parser.add_argument("--table", action="store_true", help="rewrite the README's results table from results/")
     parser.add_argument("--seeds", default="", help="comma-separated, instead of the recipe's")
+    parser.add_argument("--points", default="", help="comma-separated points of a grid recipe to run, instead of all")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run")
     parser.add_argument("--data_root", default="", help="a folder holding babi/ and mnist/ (default: train.py's cache)")
@@ -776,9 +825,12 @@ def main(argv=None):
             seeds = [int(s) for s in args.seeds.split(",") if s] or None
         except ValueError:
             raise HarnessError(f"--seeds takes comma-separated integers, e.g. 0,1,2; got {args.seeds!r}")
+        points = [p for p in args.points.split(",") if p] or None
+        if points and len(args.names) != 1:
+            raise HarnessError("--points names points of one recipe: name exactly one")
         for name in args.names:
             print(row(name, reproduce(name, seeds, args.jobs, args.threads, args.out_root, args.results_dir,
-                                      args.data_root)))
+                                      args.data_root, points)))
         if args.table:
             write_tables(args.readme, args.results_dir, args.docs_dir)
     except HarnessError as e:

@@ -127,6 +127,59 @@ def test_a_grid_recipe_runs_each_point_with_each_seed(monkeypatch, tmp_path):
     assert "small: bit_err@2" in line and "later:" not in line and "stale" in line
 
 
+def fake_training(metrics_of):
+    """A run_one that trains nothing: it writes the metrics.json metrics_of(run_dir) gives, and logs the folder."""
+    started = []
+
+    def run_one(run_dir, argv, threads):
+        started.append(run_dir)
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "metrics.json"), "w") as f:
+            json.dump(metrics_of(run_dir), f)
+
+    return run_one, started
+
+
+def test_runs_the_results_file_holds_are_kept_when_their_folders_are_gone(tiny, tmp_path, monkeypatch):
+    saved = json.loads((tmp_path / "results" / "tiny.json").read_text())
+    shutil.rmtree(tmp_path / "out")  # a fresh checkout: results/ is there, out/ is not
+    run_one, started = fake_training(lambda run_dir: {"bit_err@2": 0.5, "bit_err@4": 7.0, "iter": 4})
+    monkeypatch.setattr(reproduce, "run_one", run_one)
+    result = reproduce.reproduce("tiny", **tiny)
+    assert started == [] and result["runs"] == saved["runs"] and result["recipe"]["seeds"] == [0, 1]
+    result = reproduce.reproduce("tiny", seeds=[2], **tiny)  # another seed is added beside the recorded ones
+    assert [os.path.basename(d) for d in started] == ["s2"]
+    assert [r["seed"] for r in result["runs"]] == [0, 1, 2] and result["runs"][:2] == saved["runs"]
+    assert result["recipe"]["seeds"] == [0, 1, 2] and "(3 seeds)" in reproduce.row("tiny", result)
+    values = [r["metrics"]["bit_err@4"] for r in result["runs"]]
+    assert result["mean"]["bit_err@4"] == pytest.approx(sum(values) / 3, abs=1e-6)
+    # runs recorded with other training settings are not kept: they would be stale
+    changed = Recipe(**{**reproduce.asdict(RECIPE), "flags": {**TINY, "max_iters": 6}})
+    monkeypatch.setattr(reproduce, "RECIPES", {"tiny": changed})
+    assert reproduce.recorded("tiny", tiny["results_dir"]) == {}
+    (tmp_path / "results" / "tiny.json").write_text("{not json")
+    with pytest.raises(reproduce.HarnessError, match="is not a results file.*git checkout, or delete it"):
+        reproduce.reproduce("tiny", **tiny)
+
+
+def test_points_of_a_grid_can_be_run_one_at_a_time(monkeypatch, tmp_path):
+    recipe = Recipe("grid", "ntm", "copy", flags=dict(TINY), seeds=(0, 1), metrics=("bit_err@2",),
+                    points={"a": dict(memory_size=6), "b": dict(memory_size=10)}, targets=(("bit_err@2", "<", 1.0),))
+    monkeypatch.setattr(reproduce, "RECIPES", {"grid": recipe})
+    run_one, started = fake_training(lambda run_dir: {"bit_err@2": 0.5 if "/b/" in run_dir else 2.0, "iter": 4})
+    monkeypatch.setattr(reproduce, "run_one", run_one)
+    where = dict(out_root=str(tmp_path / "out"), results_dir=str(tmp_path / "r"))
+    result = reproduce.reproduce("grid", seeds=[0], points=["b"], **where)
+    assert [(r["point"], r["seed"]) for r in result["runs"]] == [("b", 0)] and set(result["mean"]) == {"b"}
+    result = reproduce.reproduce("grid", points=["a"], **where)  # the recipe's seeds: 0 and 1 of point a
+    assert [(r["point"], r["seed"]) for r in result["runs"]] == [("a", 0), ("a", 1), ("b", 0)]
+    assert len(started) == 3 and set(result["mean"]) == {"a", "b"}
+    row = reproduce.row("grid", result)
+    assert "a: bit_err@2 2 ± 0" in row and "b: bit_err@2 0.5 (1 seed)" in row and "| partly |" in row
+    with pytest.raises(reproduce.HarnessError, match="grid has no point c: its points are a, b"):
+        reproduce.reproduce("grid", points=["c"], **where)
+
+
 def test_verdicts_follow_the_targets_over_every_seed():
     recipe = {"targets": [["acc", ">", 90]], "points": None}
     runs = lambda *accs: {"runs": [{"metrics": {"acc": a}} for a in accs]}
@@ -184,7 +237,8 @@ def test_a_flag_can_name_another_recipes_run_of_the_same_seed():
 
 def test_bad_requests_are_one_line_errors(capsys):
     for argv, message in ((["nope"], "unknown recipe nope"), (["ntm_copy", "--seeds", "a"], "--seeds takes"),
-                          ([], "name a recipe")):
+                          ([], "name a recipe"), (["ntm_copy", "lstm_copy", "--points", "a"], "name exactly one"),
+                          (["ntm_copy", "--points", "a"], "ntm_copy has no point a")):
         with pytest.raises(SystemExit) as exit_info:
             reproduce.main(argv)
         err = capsys.readouterr().err
