@@ -537,6 +537,7 @@ def reproduce(name, seeds=None, jobs=1, threads=1, out_root="out/reproduce", res
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         for future in [pool.submit(run_one, run_dir, argv, threads) for _, _, run_dir, argv in todo]:
             future.result()
+    kept = recorded(name, results_dir)  # again: another command may have recorded runs of this recipe meanwhile
     fresh = {}
     for point, seed, run_dir, argv in todo:
         with open(os.path.join(run_dir, "metrics.json")) as f:
@@ -649,15 +650,23 @@ def ours(recipe, result):
     def cell(mean, err, keys, n=n):
         return ", ".join(f"{k} {fmt(mean[k])}" + (f" ± {fmt(err[k], 2)}" if n > 1 else "") for k in keys if k in mean)
 
+    seeds = lambda count, each="": f" ({count} seed{'s' if count > 1 else ''}{each})"
     if recipe.get("points"):
-        cells = []
-        for p in recipe["points"]:
-            if p in result["mean"]:  # a point added since has none: the row is stale
-                count = sum(r.get("point") == p for r in result["runs"])  # points may differ in seeds run
-                cells.append(f"{p}: {cell(result['mean'][p], result['stderr'][p], recipe['metrics'][:1], count)}"
-                             + (f" ({count} seed{'s' if count > 1 else ''})" if count != n else ""))
-        return "; ".join(cells)
-    return cell(result["mean"], result["stderr"], recipe["metrics"]) + (f" ({n} seeds)" if n > 1 else " (1 seed)")
+        ran = [p for p in recipe["points"] if p in result["mean"]]  # a point added since has none: the row is stale
+        counts = {p: sum(r.get("point") == p for r in result["runs"]) for p in ran}  # points may differ in seeds run
+        same = len(set(counts.values())) == 1
+        if ran and all("/" in p for p in ran):  # "model/task" grids: one entry per model, its tasks inside
+            key, groups = recipe["metrics"][0], {}
+            for p in ran:
+                model, task = p.split("/", 1)
+                groups.setdefault(model, []).append(f"{task} {fmt(result['mean'][p][key])}"
+                                                    + ("" if same else seeds(counts[p])))
+            text = "; ".join(f"{model}: {key} " + ", ".join(tasks) for model, tasks in groups.items())
+        else:
+            text = "; ".join(f"{p}: {cell(result['mean'][p], result['stderr'][p], recipe['metrics'][:1], counts[p])}"
+                             + ("" if same else seeds(counts[p])) for p in ran)
+        return text + (seeds(counts[ran[0]], " each" if len(ran) > 1 else "") if ran and same else "")
+    return cell(result["mean"], result["stderr"], recipe["metrics"]) + seeds(n)
 
 
 def cpu_minutes(result):
@@ -689,7 +698,9 @@ def row(name, result):
     """A recipe's row of the results table, from its results file."""
     rec, stale = current(name, result)
     mark = " (stale: the recipe's settings changed since; rerun it)" if stale else ""
-    return (f"| {rec['claim']} | {rec['paper']} | {ours(rec, result)}{mark} | {verdict(rec, result)} "
+    planned, got = len(RECIPES[name].seeds), len({r["seed"] for r in result["runs"]})
+    done = verdict(rec, result) + (f" ({got} of {planned} seeds)" if got < planned else "")
+    return (f"| {rec['claim']} | {rec['paper']} | {ours(rec, result)}{mark} | {done} "
             f"| `{name}` | {cpu_minutes(result):.1f} |")
 
 

@@ -171,6 +171,7 @@ def test_points_of_a_grid_can_be_run_one_at_a_time(monkeypatch, tmp_path):
     where = dict(out_root=str(tmp_path / "out"), results_dir=str(tmp_path / "r"))
     result = reproduce.reproduce("grid", seeds=[0], points=["b"], **where)
     assert [(r["point"], r["seed"]) for r in result["runs"]] == [("b", 0)] and set(result["mean"]) == {"b"}
+    assert "b: bit_err@2 0.5 (1 seed) | yes (1 of 2 seeds) |" in reproduce.row("grid", result)  # not all seeds yet
     result = reproduce.reproduce("grid", points=["a"], **where)  # the recipe's seeds: 0 and 1 of point a
     assert [(r["point"], r["seed"]) for r in result["runs"]] == [("a", 0), ("a", 1), ("b", 0)]
     assert len(started) == 3 and set(result["mean"]) == {"a", "b"}
@@ -178,6 +179,13 @@ def test_points_of_a_grid_can_be_run_one_at_a_time(monkeypatch, tmp_path):
     assert "a: bit_err@2 2 ± 0" in row and "b: bit_err@2 0.5 (1 seed)" in row and "| partly |" in row
     with pytest.raises(reproduce.HarnessError, match="grid has no point c: its points are a, b"):
         reproduce.reproduce("grid", points=["c"], **where)
+
+
+def test_model_by_task_grids_read_as_one_entry_per_model():
+    recipe = {"points": {"ut/qa1": {}, "ut/qa2": {}, "lstm/qa1": {}}, "metrics": ["err"], "seeds": [0]}
+    result = {"recipe": {"seeds": [0]}, "runs": [{"point": p, "seed": 0} for p in recipe["points"]],
+              "mean": {"ut/qa1": {"err": 0.0}, "ut/qa2": {"err": 45.25}, "lstm/qa1": {"err": 3.0}}, "stderr": {}}
+    assert reproduce.ours(recipe, result) == "ut: err qa1 0, qa2 45.2; lstm: err qa1 3 (1 seed each)"
 
 
 def test_verdicts_follow_the_targets_over_every_seed():
