@@ -21,7 +21,8 @@ metrics.json was interrupted and continues with --resume; a run folder whose tra
 record: a run it holds that was made with the recipe's settings now is kept and not run again when its
 folder is gone (a fresh checkout), and runs of other seeds or points (--seeds, --points) are added to it. results/<recipe>.json holds the recipe, the
 exact command of its first run (the --data_root folder written as DATA_ROOT: it is this machine's),
-each run's final metrics and wall time, the mean and standard error over seeds of every numeric
+each run's final metrics and wall time (for a run resumed after an interruption, at least the training
+time its checkpoint carried across the attempts, and `resumed`), the mean and standard error over seeds of every numeric
 metric, and the torch version, machine and git commit they came from.
 --table renders the README's table between its marker comments (and each docs page's per-seed tables
 between `<!-- runs:NAME -->` markers) from those files alone, so no number there is typed by hand.
@@ -450,10 +451,11 @@ def run_one(run_dir, argv, threads):
             tail = [line for line in f.read().splitlines() if line.strip()][-1:]
         raise HarnessError(f"python train.py {shlex.join(argv)} failed (exit {proc.returncode}): "
                            f"{tail[0] if tail else ''} (log: {log_path})")
-    # the attempt that finished: an interrupted attempt's time is not counted (it never gets here)
+    # the attempt that finished: an interrupted attempt's wall time is lost (it never gets here), so a
+    # resumed run is recorded with at least its training time, which the checkpoint carries across attempts
     with open(os.path.join(run_dir, "wall_seconds.json"), "w") as f:
         json.dump({"wall_seconds": round(wall, 1), "threads": threads, "commit": commit,
-                   "load_average": round(os.getloadavg()[0], 1)}, f)
+                   "load_average": round(os.getloadavg()[0], 1), "resumed": resume}, f)
 
 
 def mean_and_stderr(values):
@@ -545,8 +547,8 @@ def reproduce(name, seeds=None, jobs=1, threads=1, out_root="out/reproduce", res
         wall_path = os.path.join(run_dir, "wall_seconds.json")  # written by run_one; absent for runs made by hand
         harness = json.load(open(wall_path)) if os.path.exists(wall_path) else {}
         fresh[point, seed] = {**({"point": point} if point else {}), "seed": seed, "metrics": metrics,
-                              "wall_seconds": harness.get("wall_seconds", metrics.get("seconds", 0)),
-                              **{k: harness[k] for k in ("commit", "load_average") if k in harness}}
+                              "wall_seconds": max(harness.get("wall_seconds", 0), metrics.get("seconds", 0)),
+                              **{k: harness[k] for k in ("commit", "load_average", "resumed") if harness.get(k)}}
     order = list(recipe.points or {None: {}})
     records = [r for _, r in sorted({**kept, **fresh}.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1]))]
     seeds = tuple(sorted({r["seed"] for r in records}))

@@ -1,7 +1,8 @@
 """
 ACT on parity over training: the error and the ponder cost at every evaluation of one or more train.py
 runs (--model act --task parity), drawn from their log.jsonl, one line per run; and, from each run's
-last checkpoint, how long a training batch waits for its slowest vector.
+last checkpoint, how long a training batch waits for its slowest vector, and the error (and mean N)
+by how many entries of the vector are set, in four equal ranges.
 
     python reproduce.py act_parity64 && python reproduce.py rnn_parity64
     python experiments/act_curves.py --runs out/reproduce/act_parity64/tau=1e-3/s0,out/reproduce/rnn_parity64/s0 \\
@@ -65,6 +66,35 @@ def batch_wait(run, batches, seed=0):
     return sum(means) / batches, sum(maxes) / batches, batch_size
 
 
+@torch.no_grad()
+def error_by_length(run, vectors, parts=4, seed=1):
+    """The run's error (%) and mean N on `vectors` fresh vectors, split by how many entries are set into
+    `parts` equal ranges: [(first k, last k, err, mean N or None without ACT)], as the paper's Fig. 6
+    splits ponder by difficulty."""
+    ckpt = load_checkpoint(os.path.join(run, "ckpt.pt"), "act", "parity")
+    model = ACT(ACTConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    task_cfg_cls, task_cls = TASKS["parity"]
+    task = task_cls(task_cfg_cls(**ckpt["task_config"]))
+    generator, size = torch.Generator().manual_seed(seed), task.config.input_size
+    set_k, wrong, steps = [], [], []
+    for start in range(0, vectors, 512):
+        batch = task.train_batch(min(512, vectors - start), generator)
+        logits, internals = model(batch["x"])
+        set_k.append((batch["x"][:, 0] != 0).sum(-1))
+        wrong.append(((logits > 0).float() != batch["y"]).float().view(-1))
+        steps.append(internals["steps"].float().view(-1) if "steps" in internals else torch.ones_like(wrong[-1]))
+    set_k, wrong, steps = torch.cat(set_k), torch.cat(wrong), torch.cat(steps)
+    rows, act = [], ckpt["model_config"].get("act", True)
+    for part in range(parts):
+        lo, hi = part * size // parts + 1, (part + 1) * size // parts
+        chosen = (set_k >= lo) & (set_k <= hi)
+        if chosen.any():
+            rows.append((lo, hi, 100 * wrong[chosen].mean().item(), steps[chosen].mean().item() if act else None))
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", required=True, help="comma-separated run folders of --model act --task parity")
@@ -72,6 +102,8 @@ def main(argv=None):
     parser.add_argument("--out", default="act_curves.png", help="the PNG to write")
     parser.add_argument("--top_ponder", type=float, default=8.0, help="the ponder chart's y range: 0 to this")
     parser.add_argument("--wait_batches", type=int, default=20, help="training batches for the batch-wait count (0: skip)")
+    parser.add_argument("--length_vectors", type=int, default=4096,
+                        help="fresh vectors for the error by number of set entries (0: skip)")
     args = parser.parse_args(argv)
     check_png_out(args.out)
     runs = [r for r in args.runs.split(",") if r]
@@ -79,8 +111,8 @@ def main(argv=None):
                                                           else r for r in runs]
     if not runs or len(runs) > len(COLORS) or len(labels) != len(runs):
         raise UserError(f"--runs takes 1 to {len(COLORS)} folders, and --labels as many names as --runs")
-    if args.top_ponder <= 0 or args.wait_batches < 0:
-        raise UserError("--top_ponder must be above 0 and --wait_batches at least 0")
+    if args.top_ponder <= 0 or args.wait_batches < 0 or args.length_vectors < 0:
+        raise UserError("--top_ponder must be above 0, and --wait_batches and --length_vectors at least 0")
     data = [read_run(r) for r in runs]
     if len({d[0] for d in data}) > 1:
         raise UserError(f"the runs test different sizes ({', '.join(sorted({d[0] for d in data}))}): draw one size at a time")
@@ -113,6 +145,10 @@ def main(argv=None):
             line += (f"; batch wait over {args.wait_batches} batches of {batch_size}: mean N {mean:.2f}, largest N per "
                      f"batch {most:.2f} on average, {100 * (1 - mean / most):.0f} % of cell updates computed for nothing")
         print(line)
+        if args.length_vectors:
+            parts = error_by_length(run, args.length_vectors)
+            print(f"{label}: error by number of set entries: " + ", ".join(
+                f"{lo}-{hi} {err:.1f} %" + (f" (mean N {n:.2f})" if n is not None else "") for lo, hi, err, n in parts))
 
 
 if __name__ == "__main__":

@@ -69,11 +69,18 @@ def test_act_curves_draws_error_and_ponder_over_steps_and_counts_the_batch_wait(
     mean, most, batch_size = act_curves.batch_wait(act_run, 3)
     assert batch_size == 16 and 1 <= mean <= most <= 100  # M = 100: no batch runs longer
     assert act_curves.batch_wait(rnn_run, 3) is None  # one update per input: nothing to wait for
+    parts = act_curves.error_by_length(act_run, 600)
+    assert [(lo, hi) for lo, hi, _, _ in parts] == [(1, 2), (3, 4), (5, 6), (7, 8)]  # four ranges of 1..8 set entries
+    assert all(0 <= err <= 100 and 1 <= n <= 100 for _, _, err, n in parts)
+    assert all(n is None for _, _, _, n in act_curves.error_by_length(rnn_run, 600))  # no ponder without ACT
+    solved = act_curves.error_by_length(act_run, 600, parts=8)  # eight ranges of 1..8: one k each
+    assert len(solved) == 8 and solved[0][:2] == (1, 1)
     out = tmp_path / "curves.png"
     act_curves.main(["--runs", f"{act_run},{rnn_run}", "--labels", "act,rnn", "--out", str(out), "--wait_batches", "2"])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "act: err@8" in printed and "largest N per batch" in printed and "rnn: err@8" in printed
+    assert "act: error by number of set entries: 1-2 " in printed and "(mean N" in printed
     with pytest.raises(train.UserError, match="has no log.jsonl"):
         act_curves.main(["--runs", str(tmp_path / "none"), "--out", str(tmp_path / "x.png")])
     with pytest.raises(train.UserError, match="as many names as --runs"):

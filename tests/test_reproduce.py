@@ -78,6 +78,9 @@ def test_a_finished_seed_is_not_run_again_and_an_interrupted_one_resumes(tiny, t
     log = [json.loads(line) for line in (out / "s1" / "log.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in log if "loss" in r] == [1, 2, 3, 4]  # continued at step 3, nothing repeated
     assert torch.load(out / "s1" / "ckpt.pt", weights_only=True)["iter"] == 4
+    runs = {r["seed"]: r for r in json.loads((tmp_path / "results" / "tiny.json").read_text())["runs"]}
+    assert runs[1]["resumed"] is True and "resumed" not in runs[0]  # the resumed run says so
+    assert runs[1]["wall_seconds"] >= runs[1]["metrics"]["seconds"]  # the lost attempt's training time counts
     stamps = {s: os.path.getmtime(out / s / "metrics.json") for s in ("s0", "s1")}
     started = []
     real_run = subprocess.run
