@@ -45,6 +45,39 @@ def test_ntm_curves_turns_per_bit_losses_into_bits_per_sequence_and_draws_figure
     assert not (tmp_path / "x.png").exists()
 
 
+def addition_run_fixture(folder, model, errors, ponders=None, batch_size=32):
+    """A train.py addition run folder as act_addition_curves reads it."""
+    folder.mkdir(parents=True)
+    torch.save({"model_name": model, "task_name": "addition", "task_config": {},
+                "train_config": {"batch_size": batch_size}}, folder / "ckpt.pt")
+    with open(folder / "log.jsonl", "w") as f:
+        for i, err in enumerate(errors):
+            f.write(json.dumps({"iter": 100 * (i + 1), "loss": 1.0}) + "\n")
+            record = {"iter": 100 * (i + 1), "seq_err@3x2": err}
+            if ponders:
+                record["ponder@3x2"] = ponders[i]
+            f.write(json.dumps(record) + "\n")
+
+
+def test_act_addition_curves_reads_every_seed_and_reports_when_all_are_under(tmp_path, capsys):
+    import act_addition_curves
+    for s, errs in enumerate(([90.0, 20.0, 4.0], [95.0, 8.0, 3.0])):
+        addition_run_fixture(tmp_path / "act" / f"s{s}", "act", errs, [3.0, 4.0, 3.5])
+        addition_run_fixture(tmp_path / "lstm" / f"s{s}", "lstm", [99.0, 60.0, 30.0 + s])
+    setting, seeds = act_addition_curves.read_runs(str(tmp_path / "act"), "act")
+    assert setting == "3x2" and seeds[1] == [(3.2, 95.0, 3.0), (6.4, 8.0, 4.0), (9.6, 3.0, 3.5)]
+    out = tmp_path / "fig.png"
+    act_addition_curves.main(["--act", str(tmp_path / "act"), "--lstm", str(tmp_path / "lstm"), "--out", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "act: seq_err@3x2 3.5 % (mean of 2 seeds) at 10K sequences; every seed under 10 % first at 10K" in printed
+    assert "lstm: seq_err@3x2 30.5 %" in printed and "not every seed under 10 %" in printed
+    with pytest.raises(train.UserError, match="holds --model lstm"):  # the folders swapped
+        act_addition_curves.main(["--act", str(tmp_path / "lstm"), "--lstm", str(tmp_path / "act"), "--out", str(out)])
+    with pytest.raises(train.UserError, match="no seed folders"):
+        act_addition_curves.main(["--act", str(tmp_path / "none"), "--lstm", str(tmp_path / "lstm"), "--out", str(out)])
+
+
 def test_line_chart_draws_bands_under_lines_and_clips_to_its_range():
     xs = [0, 1, 2]
     plot = train.line_chart(xs, [([0.5, 0.5, 0.5], (200, 0, 0))], width=50, height=40, pad=5,
