@@ -84,8 +84,7 @@ def main(argv=None):
                                    text_image(legend, width=row.shape[1]), row], dim=0))
     print(f"wrote {args.out}")
     for m, (_, seeds) in runs.items():
-        mean = spread([[p[1] for p in s] for s in seeds])[0]
-        worst = spread([[p[1] for p in s] for s in seeds])[2]
+        mean, _, worst = spread([[p[1] for p in s] for s in seeds])
         xs = [p[0] for p in min(seeds, key=len)]
         first = next((x for x, w in zip(xs, worst) if w < args.under), None)
         print(f"{m}: seq_err@{setting} {mean[-1]:.1f} % (mean of {len(seeds)} seeds) at {xs[-1]:.0f}K sequences; "
