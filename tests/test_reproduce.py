@@ -174,7 +174,8 @@ def test_points_of_a_grid_can_be_run_one_at_a_time(monkeypatch, tmp_path):
     where = dict(out_root=str(tmp_path / "out"), results_dir=str(tmp_path / "r"))
     result = reproduce.reproduce("grid", seeds=[0], points=["b"], **where)
     assert [(r["point"], r["seed"]) for r in result["runs"]] == [("b", 0)] and set(result["mean"]) == {"b"}
-    assert "b: bit_err@2 0.5 (1 seed) | yes (1 of 2 seeds) |" in reproduce.row("grid", result)  # not all seeds yet
+    # not all seeds nor all points yet: the verdict says how much of the grid it covers
+    assert "b: bit_err@2 0.5 (1 seed) | yes (1 of 2 seeds) (1 of 2 points) |" in reproduce.row("grid", result)
     result = reproduce.reproduce("grid", points=["a"], **where)  # the recipe's seeds: 0 and 1 of point a
     assert [(r["point"], r["seed"]) for r in result["runs"]] == [("a", 0), ("a", 1), ("b", 0)]
     assert len(started) == 3 and set(result["mean"]) == {"a", "b"}
